@@ -1,0 +1,142 @@
+"""Events the protocol core hands to the server, and the Reply it sends back.
+
+Every event is a small frozen dataclass; the server answers MAIL and RCPT with
+``accept``/``reject`` and the end of a message with one reply per recipient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One LMTP reply: a 3-digit code, an enhanced status code and text lines."""
+
+    code: int
+    status: str  # enhanced status code "x.y.z"; "" for the greeting and LHLO
+    text: str | tuple[str, ...] = ""
+
+    def lines(self) -> tuple[str, ...]:
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    def to_bytes(self) -> bytes:
+        lines = self.lines() or ("",)
+        out = []
+        last = len(lines) - 1
+        for i, line in enumerate(lines):
+            sep = " " if i == last else "-"
+            head = f"{self.code}{sep}{self.status} " if self.status else f"{self.code}{sep}"
+            out.append(f"{head}{line}".rstrip(" ") + "\r\n")
+        return "".join(out).encode("utf-8", "replace")
+
+    @property
+    def is_success(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    def __str__(self) -> str:
+        return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
+
+
+class _NeedData:
+    """Sentinel: the core needs more bytes before it can produce an event."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+class _Paused:
+    """Sentinel: the core waits for the server's answer to the previous event."""
+
+    def __repr__(self) -> str:
+        return "PAUSED"
+
+
+NEED_DATA: Final = _NeedData()
+PAUSED: Final = _Paused()
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of all protocol events."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lhlo(Event):
+    domain: str
+
+
+@dataclass(frozen=True, slots=True)
+class MailFrom(Event):
+    """``MAIL FROM``, already checked for syntax and SIZE; the server accepts or rejects it."""
+
+    sender: str  # "" for the null sender
+    size: int | None = None
+    body: str | None = None  # "7BIT", "8BITMIME" or "BINARYMIME"
+    smtputf8: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RcptTo(Event):
+    """``RCPT TO``, already checked for syntax and limits; the server accepts or rejects it."""
+
+    recipient: str
+    orcpt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Xforward(Event):
+    """Postfix ``XFORWARD`` attributes (already answered with 250)."""
+
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageStart(Event):
+    """DATA was accepted (354 sent) or the first BDAT chunk began."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageData(Event):
+    """A piece of the message, dot-unstuffed, in order."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd(Event):
+    """The message is complete; the server owes one reply per accepted recipient.
+
+    ``error`` is set when the core already knows the whole message fails (for example
+    it grew past the size limit); the server then answers that reply for every recipient.
+    """
+
+    error: Reply | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageAborted(Event):
+    """The transaction was dropped before its end (RSET, LHLO, a failed BDAT, lost link)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolError(Event):
+    """A command was refused by the core itself; ``kind`` is a metric label."""
+
+    kind: str
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class Quit(Event):
+    """The client said QUIT; 221 is queued and the connection should close after flushing."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The peer closed its side, or the core decided to close (421 queued)."""

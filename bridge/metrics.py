@@ -1,0 +1,90 @@
+"""Every Prometheus metric of the bridge, in one place (names are part of the contract)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+from bridge import __version__
+
+RESULTS = ("delivered", "deferred", "rejected")
+STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
+PROTOCOL_ERROR_KINDS = (
+    "syntax",
+    "sequence",
+    "unknown_command",
+    "line_too_long",
+    "too_many_recipients",
+    "message_too_big",
+    "parameter",
+    "idle_timeout",
+    "too_many_connections",
+    "too_many_errors",
+    "internal",
+)
+
+CONNECTIONS = Counter("lmtp_bridge_connections", "LMTP connections accepted")
+CONNECTIONS_ACTIVE = Gauge("lmtp_bridge_connections_active", "LMTP connections open now")
+MESSAGES = Counter("lmtp_bridge_messages", "Messages received to the end of data")
+MESSAGE_SIZE = Histogram(
+    "lmtp_bridge_message_size_bytes",
+    "Size of received messages",
+    buckets=(1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864),
+)
+MESSAGE_RECIPIENTS = Histogram(
+    "lmtp_bridge_message_recipients",
+    "Accepted recipients per message",
+    buckets=(1, 2, 5, 10, 20, 50, 100, 500, 1000),
+)
+RECIPIENTS = Counter(
+    "lmtp_bridge_recipients", "Recipient outcomes after the end of data", ["result"]
+)
+REPLIES = Counter("lmtp_bridge_replies", "LMTP replies sent, by 3-digit code", ["code"])
+WEBHOOK_REQUESTS = Counter(
+    "lmtp_bridge_webhook_requests", "Webhook requests by outcome", ["route", "status_class"]
+)
+WEBHOOK_DURATION = Histogram(
+    "lmtp_bridge_webhook_request_duration_seconds",
+    "Duration of one webhook request",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+WEBHOOK_IN_FLIGHT = Gauge(
+    "lmtp_bridge_webhook_requests_in_flight", "Webhook requests waiting for an answer", ["route"]
+)
+WEBHOOK_RETRIES = Counter(
+    "lmtp_bridge_webhook_retries", "Webhook requests retried inside the session", ["route"]
+)
+PROTOCOL_ERRORS = Counter(
+    "lmtp_bridge_protocol_errors", "Commands or sessions refused by the protocol", ["kind"]
+)
+READY = Gauge("lmtp_bridge_ready", "1 while the bridge accepts connections, 0 while draining")
+BUILD_INFO = Gauge("lmtp_bridge_build_info", "Build information", ["version"])
+
+COMMON_REPLY_CODES = ("221", "250", "252", "354", "421", "451", "452", "500", "501", "503",
+                      "550", "552", "554", "555")
+
+
+def init_metrics(route_names: Iterable[str]) -> None:
+    """Pre-initialise every bounded label value so dashboards see zeros, not gaps."""
+    disable_created_metrics()
+    BUILD_INFO.labels(__version__).set(1)
+    for result in RESULTS:
+        RECIPIENTS.labels(result)
+    for code in COMMON_REPLY_CODES:
+        REPLIES.labels(code)
+    for kind in PROTOCOL_ERROR_KINDS:
+        PROTOCOL_ERRORS.labels(kind)
+    for route in route_names:
+        for status_class in STATUS_CLASSES:
+            WEBHOOK_REQUESTS.labels(route, status_class)
+        WEBHOOK_DURATION.labels(route)
+        WEBHOOK_IN_FLIGHT.labels(route)
+        WEBHOOK_RETRIES.labels(route)
+
+
+def status_class(http_status: int | None) -> str:
+    if http_status is None or not 200 <= http_status < 600:
+        return "error"
+    return f"{http_status // 100}xx"

@@ -1,0 +1,100 @@
+"""One mail transaction as the bridge sees it: envelope, recipients and the spooled message."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bridge.routing import Route
+
+READ_CHUNK = 256 * 1024
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What the client said about the message, shared by every recipient's copy."""
+
+    mail_from: str  # "" for the null sender
+    lhlo: str
+    client_address: str  # IP address, or "unix" for a unix-socket peer
+    body: str | None  # BODY= parameter, None when not given
+    smtputf8: bool
+    size: int | None  # SIZE= parameter as declared by the client
+    xforward: dict[str, str] = field(default_factory=dict)  # keys lower case: name, addr, ...
+    received_at: datetime | None = None
+
+@dataclass(frozen=True, slots=True)
+class Recipient:
+    """An accepted RCPT: the address, its ORCPT= and the route that will carry it."""
+
+    address: str
+    route: Route
+    orcpt: str | None = None
+
+class MessageBuffer:
+    """The message bytes as received: in memory up to a threshold, then in a temporary file.
+
+    The SHA-256 of the bytes is kept as they arrive, so delivery ids cost no second pass.
+    """
+
+    def __init__(self, spool_threshold: int, spool_dir: str | None = None) -> None:
+        self._threshold = spool_threshold
+        self._spool_dir = spool_dir
+        self._chunks: list[bytes] = []
+        self._file: IO[bytes] | None = None
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    @property
+    def spooled(self) -> bool:
+        return self._file is not None
+
+    def write(self, data: bytes) -> None:
+        self._hash.update(data)
+        self.size += len(data)
+        if self._file is None:
+            self._chunks.append(data)
+            if self.size > self._threshold:
+                self._file = tempfile.TemporaryFile(prefix="lmtp-bridge-", dir=self._spool_dir)
+                self._file.writelines(self._chunks)
+                self._chunks = []
+        else:
+            self._file.write(data)
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+    def getvalue(self) -> bytes:
+        if self._file is None:
+            if len(self._chunks) > 1:
+                self._chunks = [b"".join(self._chunks)]
+            return self._chunks[0] if self._chunks else b""
+        self._file.seek(0)
+        return self._file.read()
+
+    def iter_chunks(self, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The message in pieces, without loading a spooled file into memory."""
+        if self._file is None:
+            yield from self._chunks
+            return
+        self._file.flush()
+        offset = 0
+        fd = self._file.fileno()
+
+        while True:
+            piece = os.pread(fd, chunk_size, offset)
+            if not piece:
+                return
+            offset += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        self._chunks = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
