@@ -59,6 +59,7 @@ class _Paused:
 
 NEED_DATA: Final = _NeedData()
 PAUSED: Final = _Paused()
+Sentinel = _NeedData | _Paused
 
 
 @dataclass(frozen=True, slots=True)
