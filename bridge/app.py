@@ -1,0 +1,151 @@
+"""The running bridge: listeners, webhook client, metrics endpoint and signals, wired together.
+
+``run()`` serves until SIGTERM/SIGINT (or ``Running.stop()``), drains, and returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass, field
+
+import trio
+
+from bridge import __version__, metrics
+from bridge.config import ListenAddress, Settings, parse_listen
+from bridge.delivery import Deliverer
+from bridge.httpserver import Readiness, observability_handler, serve_http
+from bridge.lmtp.connection import Limits
+from bridge.logs import log_event
+from bridge.routing import build_router
+from bridge.server import LmtpServer, ServerOptions, open_tcp_listeners, open_unix_listener
+from bridge.webhook import open_webhook_client
+
+log = logging.getLogger("bridge")
+
+
+@dataclass
+class Running:
+    """What a started bridge exposes to its caller (tests, the demo command)."""
+
+    server: LmtpServer
+    readiness: Readiness
+    lmtp_addresses: list[str] = field(default_factory=list)  # "127.0.0.1:2424", "unix:/path"
+    metrics_port: int | None = None
+
+    def stop(self) -> None:
+        """Begin the graceful drain, as SIGTERM does."""
+        self.readiness.set_ready(False)
+        self.server.drain()
+
+
+def server_options(settings: Settings) -> ServerOptions:
+    return ServerOptions(
+        hostname=settings.hostname,
+        limits=Limits(
+            max_message_size=settings.max_message_size,
+            max_recipients=settings.max_recipients,
+            max_command_errors=settings.max_command_errors,
+        ),
+        idle_timeout=settings.idle_timeout,
+        max_connections=settings.max_connections,
+        shutdown_grace=settings.shutdown_grace,
+        spool_threshold=settings.spool_threshold,
+        spool_dir=settings.spool_dir,
+    )
+
+
+async def open_listeners(settings: Settings) -> tuple[list[trio.SocketListener], list[str]]:
+    listeners: list[trio.SocketListener] = []
+    names: list[str] = []
+    for address in settings.listen_addresses:
+        if address.kind == "unix":
+            assert address.path is not None
+            listeners.append(
+                await open_unix_listener(address.path, settings.unix_socket_permissions)
+            )
+            names.append(f"unix:{address.path}")
+            continue
+        for listener in await open_tcp_listeners(address.host or "", address.port or 0):
+            listeners.append(listener)
+            names.append(_tcp_name(listener))
+    return listeners, names
+
+
+def _tcp_name(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def run(
+    settings: Settings,
+    *,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve LMTP until told to stop, then drain within ``shutdown_grace`` and return."""
+    router = build_router(settings)
+    metrics.init_metrics(route.name for route in router.routes)
+    readiness = Readiness()
+    async with open_webhook_client(
+        max_connections=settings.http_max_connections, verify=settings.http_verify
+    ) as client:
+        deliverer = Deliverer(client, settings.hostname, log_addresses=settings.log_addresses)
+        server = LmtpServer(server_options(settings), router, deliverer)
+        listeners, names = await open_listeners(settings)
+        running = Running(server, readiness, names)
+        async with trio.open_nursery() as nursery:
+            if settings.metrics_listen:
+                where = parse_listen(settings.metrics_listen)
+                running.metrics_port = await nursery.start(
+                    serve_http, observability_handler(readiness), where.host, where.port
+                )
+            if handle_signals:
+                nursery.start_soon(_stop_on_signal, running)
+            await nursery.start(_serve_then_stop, server, listeners, nursery.cancel_scope)
+            readiness.set_ready(True)
+            log_event(
+                log,
+                logging.INFO,
+                "lmtp-bridge ready",
+                version=__version__,
+                listen=names,
+                metrics_port=running.metrics_port,
+            )
+            task_status.started(running)
+        _remove_unix_sockets(settings.listen_addresses)
+        log_event(log, logging.INFO, "lmtp-bridge stopped")
+
+
+async def _serve_then_stop(
+    server: LmtpServer,
+    listeners: list[trio.SocketListener],
+    everything: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await server.serve(listeners, task_status=task_status)
+    everything.cancel()  # the metrics endpoint and the signal watcher end with the server
+
+
+async def _stop_on_signal(running: Running) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log_event(
+                log,
+                logging.INFO,
+                "draining",
+                signal=signal.Signals(signum).name,
+                grace=running.server.options.shutdown_grace,
+            )
+            running.stop()
+            return
+
+
+def _remove_unix_sockets(addresses: list[ListenAddress]) -> None:
+    for address in addresses:
+        if address.kind == "unix" and address.path:
+            with contextlib.suppress(OSError):
+                os.unlink(address.path)

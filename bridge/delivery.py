@@ -1,0 +1,173 @@
+"""One finished transaction -> one webhook call per distinct recipient, all at once -> replies.
+
+Replies go out in RCPT order, each as soon as it and every reply before it are known.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from bridge import metrics
+from bridge.lmtp.events import Reply
+from bridge.logs import log_event
+from bridge.payload import ParsedMessage, build_body
+from bridge.routing import Route
+from bridge.signing import Signer, delivery_id
+from bridge.transaction import Envelope, MessageBuffer, Recipient
+from bridge.webhook import Outcome, WebhookClient, WebhookRequest
+
+log = logging.getLogger("bridge.delivery")
+
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again later")
+PARSE_IN_THREAD_ABOVE = 1 << 20  # bytes; bigger MIME parses leave the event loop free
+
+
+@dataclass(slots=True)
+class Transaction:
+    envelope: Envelope
+    recipients: list[Recipient]
+    message: MessageBuffer
+
+
+ReplySink = Callable[[Sequence[Reply]], Awaitable[None]]
+
+
+class Deliverer:
+    """Turns transactions into webhook calls through one shared, pooled client."""
+
+    def __init__(self, client: WebhookClient, hostname: str, *, log_addresses: bool = False):
+        self._client = client
+        self._hostname = hostname
+        self._log_addresses = log_addresses
+        self._signers: dict[tuple[str, ...], Signer] = {}
+
+    async def deliver(self, txn: Transaction, emit: ReplySink) -> None:
+        """POST every recipient's copy concurrently; ``emit`` gets replies in RCPT order.
+
+        A recipient given twice is posted once and answered twice. If the caller cancels
+        (shutdown grace over), the replies not yet emitted are the caller's to send.
+        """
+        metrics.MESSAGES.inc()
+        metrics.MESSAGE_SIZE.observe(txn.message.size)
+        metrics.MESSAGE_RECIPIENTS.observe(len(txn.recipients))
+        slots: dict[str, int] = {}
+        unique: list[Recipient] = []
+        order: list[int] = []  # RCPT position -> index of its distinct recipient
+        for recipient in txn.recipients:
+            if recipient.address not in slots:
+                slots[recipient.address] = len(unique)
+                unique.append(recipient)
+            order.append(slots[recipient.address])
+        results: list[Reply | None] = [None] * len(unique)
+        done = [trio.Event() for _ in unique]
+        parsed = await self._parse_if_needed(txn)
+
+        async def one(i: int) -> None:
+            try:
+                results[i] = await self._deliver_one(txn, unique[i], parsed)
+            finally:
+                done[i].set()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(unique)):
+                nursery.start_soon(one, i)
+            sent = 0
+            while sent < len(order):
+                await done[order[sent]].wait()
+                batch = []
+                while sent < len(order) and done[order[sent]].is_set():
+                    reply = results[order[sent]] or INTERNAL_ERROR
+                    batch.append(reply)
+                    metrics.RECIPIENTS.labels(_result(reply)).inc()
+                    sent += 1
+                await emit(batch)
+
+    async def _parse_if_needed(self, txn: Transaction) -> ParsedMessage | None:
+        if all(r.route.payload == "raw" for r in txn.recipients):
+            return None
+        data = txn.message.getvalue()
+        if len(data) > PARSE_IN_THREAD_ABOVE:
+            return await trio.to_thread.run_sync(ParsedMessage.parse, data)
+        return ParsedMessage.parse(data)
+
+    async def _deliver_one(
+        self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None
+    ) -> Reply:
+        route = recipient.route
+        did = delivery_id(txn.message.digest(), recipient.address)
+        started = time.monotonic()
+        outcome: Outcome | None = None
+        try:
+            request = self._request(txn, recipient, parsed, did)
+            outcome = await self._client.deliver(route, request)
+            reply = outcome.reply
+        except Exception:
+            log.exception(
+                "delivery failed inside the bridge", extra={"fields": {"delivery_id": did}}
+            )
+            reply = INTERNAL_ERROR
+        fields: dict[str, Any] = {
+            "delivery_id": did,
+            "route": route.name,
+            "http_status": outcome.http_status if outcome else None,
+            "attempts": outcome.attempts if outcome else 0,
+            "error": outcome.error if outcome else "internal",
+            "reply": str(reply),
+            "duration": round(time.monotonic() - started, 4),
+        }
+        if self._log_addresses or log.isEnabledFor(logging.DEBUG):
+            fields["mail_from"] = txn.envelope.mail_from
+            fields["rcpt_to"] = recipient.address
+        level = logging.INFO if reply.is_success else logging.WARNING
+        log_event(log, level, f"recipient {_result(reply)}", **fields)
+        return reply
+
+    def _request(
+        self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None, did: str
+    ) -> WebhookRequest:
+        route = recipient.route
+        body = build_body(
+            route.payload,
+            txn.envelope,
+            recipient,
+            txn.message,
+            parsed,
+            did,
+            self._hostname,
+            include_raw=route.include_raw,
+        )
+        headers = [
+            ("Content-Type", body.content_type),
+            *body.headers,
+            ("Idempotency-Key", did),
+            ("X-Lmtp-Bridge-Delivery-Id", did),
+        ]
+        signer = self._signer(route)
+        if signer is None:
+            headers.append(("webhook-id", did))
+        else:
+            headers += signer.headers(did, body.chunks())
+        headers += route.headers.items()
+        return WebhookRequest(
+            url=route.url, headers=headers, chunks=body.chunks, length=body.length
+        )
+
+    def _signer(self, route: Route) -> Signer | None:
+        if not route.secrets:
+            return None
+        signer = self._signers.get(route.secrets)
+        if signer is None:
+            signer = self._signers[route.secrets] = Signer(route.secrets)
+        return signer
+
+
+def _result(reply: Reply) -> str:
+    if reply.is_success:
+        return "delivered"
+    return "deferred" if reply.is_transient else "rejected"
