@@ -1,0 +1,617 @@
+"""The bridge's settings: defaults < config file (TOML/YAML) < environment < command line.
+`load_settings()` loads and checks them once, before trio starts, and reports every problem at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from bridge.routing import compile_match
+from bridge.signing import parse_secret
+
+ENV_PREFIX = "LMTP_BRIDGE_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
+REDACTED = "**********"
+# RFC 2033: LMTP must not be offered on the SMTP port.
+SMTP_PORT = 25
+
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
+_STATUS_KEY = re.compile(r"([2-5][0-9][0-9]|[2-5]xx|timeout|error)")
+_STATUS_VALUE = re.compile(r"([245])[0-9][0-9] ([245])\.[0-9]{1,3}\.[0-9]{1,3}")
+_FILE_MODE = re.compile(r"0?[0-7]{3,4}")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+# Header names whose values are credentials; redacted in dumps and never echoed in errors.
+_SENSITIVE_HEADER = re.compile(r"auth|token|secret|key|cookie|signature|password", re.I)
+_SENSITIVE_FIELDS = frozenset({"webhook_secret", "secret", "webhook_headers", "headers"})
+
+
+class ConfigError(Exception):
+    """An invalid configuration; ``problems`` holds one line per problem, naming the setting."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A parsed listen address: ``tcp`` with host and port, or ``unix`` with a path."""
+
+    kind: Literal["tcp", "unix"]
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(addr: str) -> ListenAddress:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path``; raises ValueError saying why not."""
+    text = addr.strip()
+    if text.startswith("unix:"):
+        path = text[len("unix:") :]
+        if not path or "\x00" in path:
+            raise ValueError(f"{addr!r}: expected unix:/path/to/socket")
+        return ListenAddress("unix", path=path)
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{addr!r}: expected [IPv6]:PORT")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{addr!r}: {host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{addr!r}: expected HOST:PORT, [IPv6]:PORT or unix:/path")
+        if ":" in host:
+            raise ValueError(f"{addr!r}: put an IPv6 address in brackets, as [::1]:2424")
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{addr!r}: {host!r} is not a host name or IP address")
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"{addr!r}: the port must be a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"{addr!r}: port {port} is out of range 0-65535")
+    return ListenAddress("tcp", host=host, port=port)
+
+
+# ---- field checks (each raises ValueError with a message that never repeats a secret) ----
+
+
+def _split_commas(value: object) -> object:
+    # Env vars and flags give lists as "a,b"; files may give a list or the same string.
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _json_text(value: object) -> object:
+    # Dicts and lists arrive from env vars as JSON text.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at position {exc.pos})") from None
+    return value
+
+
+def _none_if_blank(value: object) -> object:
+    # An empty env var (VAR=) means "not set" for optional settings.
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+def _lower(value: object) -> object:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _blank_or_lower(value: object) -> object:
+    return _lower(_none_if_blank(value))
+
+
+def _check_listen(addr: str) -> str:
+    parsed = parse_listen(addr)
+    if parsed.kind == "tcp" and parsed.port == SMTP_PORT:
+        raise ValueError(f"{addr!r}: port 25 is refused (RFC 2033 forbids LMTP on the SMTP port)")
+    return addr.strip()
+
+
+def _check_url(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    return url.strip()
+
+
+def _check_secret(secret: SecretStr) -> SecretStr:
+    parse_secret(secret.get_secret_value())
+    return secret
+
+
+def _check_headers(headers: dict[str, str]) -> dict[str, str]:
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a valid header name")
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError(f"the value of header {name!r} contains CR, LF or NUL")
+    return headers
+
+
+def _check_status_map(mapping: dict[str, str]) -> dict[str, str]:
+    checked: dict[str, str] = {}
+    for raw_key, raw_value in mapping.items():
+        key, value = raw_key.strip().lower(), " ".join(raw_value.split())
+        if not _STATUS_KEY.fullmatch(key):
+            raise ValueError(
+                f"key {raw_key!r}: expected a status such as '404', a class such as '5xx', "
+                "'timeout' or 'error'"
+            )
+        match = _STATUS_VALUE.fullmatch(value)
+        if not match or match.group(1) != match.group(2):
+            raise ValueError(
+                f"{raw_key}: {raw_value!r} is not '<code> <x.y.z>' with matching classes, "
+                "such as '451 4.3.0'"
+            )
+        # The one promise: a 2xx reply only for an HTTP 2xx, and failures stay retryable.
+        if (key[0] == "2") != (match.group(1) == "2"):
+            raise ValueError(f"{raw_key}: only an HTTP 2xx may map to a 2xx reply, and vice versa")
+        if key in ("timeout", "error") and match.group(1) != "4":
+            raise ValueError(f"{raw_key}: must map to a 4xx reply, so the MTA retries")
+        checked[key] = value
+    return checked
+
+
+def _check_match(pattern: str) -> str:
+    compile_match(pattern)
+    return pattern
+
+
+def _check_bool_or_path(value: object) -> object:
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        if not os.path.exists(value):
+            raise ValueError(f"{value!r}: expected true, false or the path of a CA bundle")
+        return value
+    if not isinstance(value, bool):
+        raise ValueError("expected true, false or the path of a CA bundle")
+    return value
+
+
+def _check_file_mode(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool):
+        # YAML reads 0660 as an int; which base was meant is anyone's guess.
+        raise ValueError('give the mode as a quoted octal string, such as "0660"')
+    if isinstance(value, str) and not _FILE_MODE.fullmatch(value.strip()):
+        raise ValueError(f"{value!r}: expected an octal file mode such as '0660'")
+    return value.strip() if isinstance(value, str) else value
+
+
+def _check_hostname(value: str) -> str:
+    if not value or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("expected a host name without spaces")
+    return value
+
+
+def _check_metrics_listen(value: str) -> str:
+    if value.strip():
+        parsed = parse_listen(value)
+        if parsed.kind != "tcp":
+            raise ValueError(f"{value!r}: expected HOST:PORT (or empty to disable)")
+    return value.strip()
+
+
+def _check_dir(value: str | None) -> str | None:
+    if value is not None and not os.path.isdir(value):
+        raise ValueError(f"{value!r} is not a directory")
+    return value
+
+
+ListenList = Annotated[
+    list[Annotated[str, AfterValidator(_check_listen)]], BeforeValidator(_split_commas)
+]
+SecretList = Annotated[
+    list[Annotated[SecretStr, AfterValidator(_check_secret)]], BeforeValidator(_split_commas)
+]
+Headers = Annotated[dict[str, str], BeforeValidator(_json_text), AfterValidator(_check_headers)]
+StatusMap = Annotated[
+    dict[str, str], BeforeValidator(_json_text), AfterValidator(_check_status_map)
+]
+Url = Annotated[str, AfterValidator(_check_url)]
+Payload = Annotated[Literal["json", "raw", "multipart"], BeforeValidator(_lower)]
+BoolOrPath = Annotated[bool | str, BeforeValidator(_check_bool_or_path)]
+
+
+class RouteConfig(BaseModel):
+    """One ``[[routes]]`` entry as configured; unset fields fall back to the global settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    name: str = Field(description="Route name, used as the metric label.")
+    match: Annotated[str, AfterValidator(_check_match)] = Field(
+        description="Recipient pattern: address, @domain, a glob (*@*.example.org) or re:REGEX."
+    )
+    url: Annotated[Url | None, BeforeValidator(_none_if_blank)] = Field(
+        default=None, description="Webhook URL of this route (default: webhook_url)."
+    )
+    payload: Payload | None = Field(default=None, description="json, raw or multipart.")
+    secret: SecretList | None = Field(
+        default=None, description="Signing secret(s) of this route; an empty list: no signature."
+    )
+    headers: Headers | None = Field(
+        default=None, description="Extra request headers, merged over webhook_headers."
+    )
+    timeout: float | None = Field(default=None, gt=0, description="Seconds per request.")
+    retries: int | None = Field(default=None, ge=0, description="Extra tries in the session.")
+    include_raw: bool | None = Field(default=None, description="Add the raw message to json.")
+    status_map: StatusMap | None = Field(
+        default=None, description="Overrides of the HTTP status map, merged over status_map."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _ROUTE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r}: expected 1-64 characters of A-Z a-z 0-9 _ . -")
+        if name == "default":
+            raise ValueError("'default' is reserved for the route of webhook_url")
+        return name
+
+
+class Settings(BaseSettings):
+    """Every setting of the bridge. Build it with `load_settings()`; ``Settings(**values)``
+    takes only the values it is given, never the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    listen: ListenList = Field(
+        default=["127.0.0.1:2424"],
+        description="Listen addresses, comma-separated: HOST:PORT, [V6]:PORT or unix:/path.",
+    )
+    webhook_url: Annotated[Url | None, BeforeValidator(_none_if_blank)] = Field(
+        default=None, description="URL of the default route (required unless routes are set)."
+    )
+    payload: Payload = Field(default="json", description="Request body: json, raw or multipart.")
+    webhook_secret: SecretList = Field(
+        default=[],
+        description="Standard Webhooks signing secret(s) whsec_..., comma-separated; unset: none.",
+    )
+    webhook_headers: Headers = Field(
+        default={}, description="Extra request headers, a JSON object (e.g. Authorization)."
+    )
+    http_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds for one webhook request, connect to last byte."
+    )
+    http_retries: int = Field(
+        default=2, ge=0, description="Extra tries inside the session for retryable failures."
+    )
+    max_message_size: int = Field(
+        default=26214400, gt=0, description="Largest message in bytes; advertised as SIZE."
+    )
+    max_recipients: int = Field(default=1000, gt=0, description="Recipients per transaction.")
+    max_connections: int = Field(default=1000, gt=0, description="Concurrent LMTP sessions.")
+    idle_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds a session may wait for a command line."
+    )
+    metrics_listen: Annotated[str, AfterValidator(_check_metrics_listen)] = Field(
+        default="127.0.0.1:9464",
+        description="HOST:PORT of /metrics, /healthz and /readyz; empty disables.",
+    )
+    hostname: Annotated[str, AfterValidator(_check_hostname)] = Field(
+        default_factory=socket.getfqdn,
+        description="Name in the greeting and trace headers (default: the host's FQDN).",
+    )
+    shutdown_grace: float = Field(
+        default=25.0, ge=0, description="Seconds to finish transactions after SIGTERM."
+    )
+    log_format: Annotated[Literal["json", "text"] | None, BeforeValidator(_blank_or_lower)] = Field(
+        default=None, description="json or text; unset: text on a TTY, else json."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL."
+    )
+    spool_threshold: int = Field(
+        default=1048576, ge=0, description="Messages larger than this (bytes) spool to a file."
+    )
+    spool_dir: Annotated[
+        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_dir)
+    ] = Field(default=None, description="Directory for spooled messages (default: system temp).")
+    max_command_errors: int = Field(
+        default=10, gt=0, description="Bad commands in a session before 421 and close."
+    )
+    unix_socket_mode: Annotated[str, BeforeValidator(_check_file_mode)] = Field(
+        default="0666", description="Octal file mode of unix listen sockets."
+    )
+    http_max_connections: int = Field(
+        default=100, gt=0, description="Connection pool size of the webhook client."
+    )
+    http_verify: BoolOrPath = Field(
+        default=True,
+        description="Verify webhook TLS certificates: true, false or a CA bundle path.",
+    )
+    log_addresses: bool = Field(
+        default=False, description="Put mail addresses in log lines (always at DEBUG)."
+    )
+    include_raw: bool = Field(
+        default=False, description="Add the base64 raw message to json payloads."
+    )
+    status_map: StatusMap = Field(
+        default={},
+        description='Overrides of the HTTP status map, e.g. {"404": "550 5.1.1"}; '
+        "keys: a status, a class such as 5xx, timeout, error.",
+    )
+    routes: Annotated[list[RouteConfig], BeforeValidator(_json_text)] = Field(
+        default=[], description="Ordered recipient routes; the first match wins."
+    )
+    trusted_authserv_ids: Annotated[list[str], BeforeValidator(_split_commas)] = Field(
+        default=[],
+        description="authserv-ids whose Authentication-Results headers are reported.",
+    )
+    workers: int = Field(default=1, ge=1, description="Worker processes sharing the listeners.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # load_settings() layers file, env and flags itself, to say where a bad value came from.
+        return (init_settings,)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            return "WARNING" if value == "WARN" else value
+        return value
+
+    @field_validator("listen")
+    @classmethod
+    def _distinct_listen(cls, addrs: list[str]) -> list[str]:
+        if not addrs:
+            raise ValueError("at least one listen address is required")
+        seen: set[ListenAddress] = set()
+        for addr in addrs:
+            parsed = parse_listen(addr)
+            if parsed in seen and parsed.port != 0:
+                raise ValueError(f"{addr!r} is given twice")
+            seen.add(parsed)
+        return addrs
+
+    @field_validator("routes")
+    @classmethod
+    def _distinct_names(cls, routes: list[RouteConfig]) -> list[RouteConfig]:
+        names = [r.name for r in routes]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"route names must be unique: {', '.join(twice)} given twice")
+        return routes
+
+    @property
+    def listen_addresses(self) -> list[ListenAddress]:
+        return [parse_listen(addr) for addr in self.listen]
+
+    @property
+    def unix_socket_permissions(self) -> int:
+        return int(self.unix_socket_mode, 8)
+
+
+_FIELDS = tuple(Settings.model_fields)
+
+
+# ---- loading ----
+
+
+def load_settings(
+    config_file: str | None = None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults < file (`config_file` or LMTP_BRIDGE_CONFIG) < environment < `overrides`.
+
+    `overrides` are the command-line flags by setting name; None values mean "not given".
+    Raises ConfigError with every problem found.
+    """
+    env = {k.upper(): (k, v) for k, v in (os.environ if environ is None else environ).items()}
+    problems: list[str] = []
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}
+
+    path = config_file
+    if path is None and CONFIG_ENV in env:
+        path = env[CONFIG_ENV][1]
+    if path:
+        for key, value in _read_file(path, problems).items():
+            values[key], origin[key] = value, path
+    for key, (name, value) in _read_env(env, problems).items():
+        values[key], origin[key] = value, name
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key], origin[key] = value, "the command line"
+
+    for key in [k for k in values if k not in _FIELDS]:
+        problems.append(f"{key}: unknown setting (from {origin[key]})")
+        del values[key]
+
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        problems.extend(_describe(err, origin) for err in exc.errors())
+    problems.extend(_check_urls(values))
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings
+
+
+def _read_file(path: str, problems: list[str]) -> dict[str, object]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".toml", ".yaml", ".yml"):
+        problems.append(f"config: {path}: expected a .toml, .yaml or .yml file")
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f) if ext == ".toml" else yaml.safe_load(f)
+    except OSError as exc:
+        problems.append(f"config: cannot read {path}: {exc.strerror or exc}")
+        return {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        problems.append(f"config: {path} does not parse: {_one_line(str(exc))}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"config: {path}: expected a table of settings at the top")
+        return {}
+    return {str(k): v for k, v in data.items()}
+
+
+def _read_env(
+    env: Mapping[str, tuple[str, str]], problems: list[str]
+) -> dict[str, tuple[str, str]]:
+    """Setting -> (variable name, value), from LMTP_BRIDGE_<NAME> or LMTP_BRIDGE_<NAME>_FILE."""
+    found: dict[str, tuple[str, str]] = {}
+    for field in _FIELDS:
+        direct = env.get(f"{ENV_PREFIX}{field}".upper())
+        from_file = env.get(f"{ENV_PREFIX}{field}_FILE".upper())
+        if direct and from_file:
+            problems.append(f"{field}: both {direct[0]} and {from_file[0]} are set; use one")
+        elif direct:
+            found[field] = direct
+        elif from_file:
+            name, path = from_file
+            try:
+                with open(path, encoding="utf-8") as f:
+                    found[field] = (name, f.read().rstrip("\r\n"))
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                problems.append(f"{field}: cannot read {name}={path}: {reason or exc}")
+    return found
+
+
+def _check_urls(values: Mapping[str, object]) -> list[str]:
+    """Every route needs a URL: its own or webhook_url. Works on the raw values, so it reports
+    even when other settings failed validation."""
+    url = values.get("webhook_url")
+    if url is not None and not (isinstance(url, str) and not url.strip()):
+        return []
+    routes = values.get("routes", [])
+    try:
+        routes = _json_text(routes)
+    except ValueError:
+        return []  # already reported as a routes problem
+    if not isinstance(routes, list):
+        return []
+    if not routes:
+        return ["webhook_url: required unless routes are configured"]
+    return [
+        f"routes[{i}].url: required, since webhook_url is not set"
+        for i, route in enumerate(routes)
+        if isinstance(route, Mapping) and not str(route.get("url") or "").strip()
+    ]
+
+
+def _describe(err: Any, origin: Mapping[str, str]) -> str:
+    loc = err["loc"]
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
+    msg = err["msg"].removeprefix("Value error, ")
+    line = f"{loc[0]}{where}: {msg}" if loc else msg
+    source = origin.get(str(loc[0])) if loc else None
+    if source is None:
+        return _one_line(line)
+    value = err.get("input")
+    shown = repr(value)
+    # Never echo what may hold a secret: secrets, headers, or a whole route.
+    hidden = (
+        _SENSITIVE_FIELDS.intersection(str(p) for p in loc)
+        or (loc[0] == "routes" and len(loc) < 3)
+        or isinstance(value, dict | list)
+    )
+    if err["type"] == "missing" or hidden or shown in msg:
+        return _one_line(f"{line} (from {source})")
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return _one_line(f"{line} (got {shown} from {source})")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+# ---- display ----
+
+
+def redacted_dump(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, for `check-config`: secrets are "**********"."""
+    data: dict[str, Any] = settings.model_dump(mode="json")
+    data["webhook_url"] = _redact_url(data["webhook_url"])
+    data["webhook_headers"] = _redact_headers(data["webhook_headers"])
+    for route in data["routes"]:
+        route["url"] = _redact_url(route["url"])
+        route["headers"] = _redact_headers(route["headers"])
+    return data
+
+
+def _redact_headers(headers: dict[str, str] | None) -> dict[str, str] | None:
+    if headers is None:
+        return None
+    return {k: REDACTED if _SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
+
+
+def _redact_url(url: str | None) -> str | None:
+    # A URL may carry a password or a token in its query string.
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}")
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(_SENSITIVE_HEADER.search(k) for k, _ in query):
+        hidden = [(k, REDACTED if _SENSITIVE_HEADER.search(k) else v) for k, v in query]
+        parts = parts._replace(query=urlencode(hidden, safe="*"))
+    return urlunsplit(parts)

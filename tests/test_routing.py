@@ -1,0 +1,257 @@
+"""Recipient -> route: each pattern kind, order, case rules, defaults and per-route settings."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.config import Settings
+from bridge.routing import Route, Router, build_router, compile_match
+
+URL = "http://127.0.0.1:8080/default"
+SECRET = "whsec_" + base64.b64encode(b"global-key-material-0123456789ab").decode()
+ROUTE_SECRET = "whsec_" + base64.b64encode(b"route-key-material-0123456789abc").decode()
+
+
+def route(name: str) -> Route:
+    return Route(name=name, url=f"http://127.0.0.1:8080/{name}")
+
+
+DEFAULT = route("default")
+
+
+def name_for(router: Router, address: str) -> str | None:
+    found = router.route_for(address)
+    return None if found is None else found.name
+
+
+def test_exact_address() -> None:
+    router = Router([("bob@example.org", route("bob"))], None)
+    assert name_for(router, "bob@example.org") == "bob"
+    assert name_for(router, "bob@example.org.evil") is None
+    assert name_for(router, "bobby@example.org") is None
+    assert name_for(router, "alice@example.org") is None
+
+
+def test_at_domain_means_exactly_that_domain() -> None:
+    router = Router([("@example.org", route("org"))], None)
+    assert name_for(router, "anyone@example.org") == "org"
+    assert name_for(router, "x@sub.example.org") is None
+    assert name_for(router, "x@notexample.org") is None
+
+
+def test_glob_on_the_whole_address() -> None:
+    router = Router(
+        [("*@*.example.org", route("subs")), ("support-?@example.org", route("s"))], None
+    )
+    assert name_for(router, "a@mx.example.org") == "subs"
+    assert name_for(router, "a@deep.mx.example.org") == "subs"
+    assert name_for(router, "a@example.org") is None
+    assert name_for(router, "support-1@example.org") == "s"
+    assert name_for(router, "support-12@example.org") is None
+
+
+def test_at_glob_matches_the_domain_only() -> None:
+    router = Router([("@*.example.org", route("subs"))], None)
+    assert name_for(router, "who@lists.example.org") == "subs"
+    assert name_for(router, "who@example.org") is None
+
+
+def test_regex_must_match_the_whole_address() -> None:
+    router = Router([(r"re:(alice|bob)\+[a-z]+@example\.org", route("tagged"))], None)
+    assert name_for(router, "bob+news@example.org") == "tagged"
+    assert name_for(router, "bob+news@example.org.evil") is None
+    assert name_for(router, "xbob+news@example.org") is None
+
+
+def test_first_match_wins() -> None:
+    router = Router(
+        [
+            ("bob@example.org", route("bob")),
+            ("@example.org", route("domain")),
+            ("re:.*", route("everything")),
+        ],
+        DEFAULT,
+    )
+    assert name_for(router, "bob@example.org") == "bob"
+    assert name_for(router, "carol@example.org") == "domain"
+    assert name_for(router, "carol@example.net") == "everything"
+
+
+def test_domain_is_case_insensitive_local_part_is_not() -> None:
+    router = Router(
+        [
+            ("Bob@Example.ORG", route("bob")),
+            ("@LISTS.example.org", route("lists")),
+            ("*@*.Example.Net", route("net")),
+            (r"re:[a-z]+@example\.com", route("re")),
+        ],
+        None,
+    )
+    assert name_for(router, "Bob@example.org") == "bob"
+    assert name_for(router, "Bob@EXAMPLE.org") == "bob"
+    assert name_for(router, "bob@example.org") is None  # the local part may be case-sensitive
+    assert name_for(router, "any@Lists.Example.Org") == "lists"
+    assert name_for(router, "x@MX.EXAMPLE.NET") == "net"
+    assert name_for(router, "abc@EXAMPLE.COM") == "re"  # a regex sees the domain lower-cased
+
+
+def test_utf8_and_quoted_local_parts() -> None:
+    router = Router(
+        [
+            ('"john@doe"@example.org', route("quoted")),
+            ("@bücher.example", route("idn")),
+            ("jörg@*", route("jorg")),
+        ],
+        None,
+    )
+    assert name_for(router, '"john@doe"@EXAMPLE.org') == "quoted"
+    assert name_for(router, "käthe@BÜCHER.example") == "idn"
+    assert name_for(router, "jörg@anywhere.example") == "jorg"
+
+
+def test_default_route_when_nothing_matches() -> None:
+    router = Router([("@example.org", route("org"))], DEFAULT)
+    assert router.route_for("x@example.net") is DEFAULT
+    assert router.routes == (route("org"), DEFAULT)
+
+
+def test_none_without_a_default() -> None:
+    router = Router([("@example.org", route("org"))], None)
+    assert router.route_for("x@example.net") is None
+    assert Router([], None).route_for("x@example.org") is None
+
+
+@pytest.mark.parametrize("pattern", ["", "  ", "re:", "re:(", "@", "bob@"])
+def test_bad_patterns_are_refused(pattern: str) -> None:
+    with pytest.raises(ValueError):
+        compile_match(pattern)
+    with pytest.raises(ValueError):
+        Router([(pattern, route("r"))], None)
+
+
+ODD_ADDRESSES = [
+    "",
+    "@",
+    "@@",
+    "a@",
+    "@example.org",
+    "postmaster",
+    "<bob@example.org>",
+    '"quoted \\" and @"@example.org',
+    "\udcff\udcfe@example.org",  # undecodable bytes kept by surrogateescape
+    "a" * 10_000 + "@example.org",
+    "x@[192.0.2.1]",
+    "x@\x00",
+]
+
+
+@pytest.mark.parametrize("address", ODD_ADDRESSES)
+def test_odd_addresses_do_not_raise(address: str) -> None:
+    router = Router(
+        [
+            ("bob@example.org", route("a")),
+            ("@example.org", route("b")),
+            ("*@*.example.org", route("c")),
+            ("@*.example.net", route("d")),
+            (r"re:[^@]+@example\.com", route("e")),
+        ],
+        DEFAULT,
+    )
+    assert router.route_for(address) in (*router.routes, None)
+
+
+@given(st.text())
+def test_route_for_never_raises(address: str) -> None:
+    router = Router(
+        [("x@y", route("a")), ("@z", route("b")), ("*@?", route("c")), ("re:.+@w", route("d"))],
+        None,
+    )
+    router.route_for(address)
+
+
+def settings(**values: object) -> Settings:
+    return Settings.model_validate(values)
+
+
+def test_build_router_resolves_routes_over_global_settings() -> None:
+    s = settings(
+        webhook_url=URL,
+        payload="raw",
+        webhook_secret=[SECRET],
+        webhook_headers={"Authorization": "Bearer global", "X-Env": "prod"},
+        http_timeout=12,
+        http_retries=4,
+        include_raw=True,
+        status_map={"404": "451 4.1.1", "5xx": "452 4.3.0"},
+        routes=[
+            {
+                "name": "own",
+                "match": "@own.example",
+                "url": "https://own.example/hook",
+                "payload": "multipart",
+                "secret": ROUTE_SECRET,
+                "headers": {"authorization": "Bearer route", "X-Route": "own"},
+                "timeout": 2,
+                "retries": 0,
+                "include_raw": False,
+                "status_map": {"404": "550 5.1.1"},
+            },
+            {"name": "inherit", "match": "@inherit.example"},
+            {"name": "unsigned", "match": "@unsigned.example", "secret": ""},
+        ],
+    )
+    router = build_router(s)
+
+    own = router.route_for("a@own.example")
+    assert own == Route(
+        name="own",
+        url="https://own.example/hook",
+        payload="multipart",
+        secrets=(ROUTE_SECRET,),
+        headers={"X-Env": "prod", "authorization": "Bearer route", "X-Route": "own"},
+        timeout=2,
+        retries=0,
+        include_raw=False,
+        status_map={"404": "550 5.1.1", "5xx": "452 4.3.0"},
+    )
+
+    inherit = router.route_for("a@inherit.example")
+    assert inherit == Route(
+        name="inherit",
+        url=URL,
+        payload="raw",
+        secrets=(SECRET,),
+        headers={"Authorization": "Bearer global", "X-Env": "prod"},
+        timeout=12,
+        retries=4,
+        include_raw=True,
+        status_map={"404": "451 4.1.1", "5xx": "452 4.3.0"},
+    )
+
+    unsigned = router.route_for("a@unsigned.example")
+    assert unsigned is not None and unsigned.secrets == ()
+
+    default = router.route_for("a@elsewhere.example")
+    assert default is not None
+    assert default.name == "default"
+    assert default.url == URL
+    assert default.secrets == (SECRET,)
+    assert default.timeout == 12
+
+
+def test_build_router_without_webhook_url_has_no_default() -> None:
+    s = settings(routes=[{"name": "only", "match": "@example.org", "url": URL}])
+    router = build_router(s)
+    assert router.route_for("x@example.org") is not None
+    assert router.route_for("x@example.net") is None
+    assert [r.name for r in router.routes] == ["only"]
+
+
+def test_build_router_with_defaults_only() -> None:
+    router = build_router(settings(webhook_url=URL))
+    found = router.route_for("anyone@anywhere.example")
+    assert found == Route(name="default", url=URL)
