@@ -1,0 +1,421 @@
+"""The webhook side of a delivery: one pooled httpx client, the HTTP outcome -> LMTP reply map
+(SPEC section 4) and the short retries that happen while the LMTP session waits."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import cast
+
+import httpx
+import trio
+
+from bridge import __version__
+from bridge.lmtp.events import Reply
+from bridge.metrics import (
+    WEBHOOK_DURATION,
+    WEBHOOK_IN_FLIGHT,
+    WEBHOOK_REQUESTS,
+    WEBHOOK_RETRIES,
+    status_class,
+)
+from bridge.routing import Route
+
+log = logging.getLogger("bridge.webhook")
+
+DEFAULT_USER_AGENT = f"lmtp-bridge/{__version__}"
+REPLY_HEADER = "X-Lmtp-Reply"
+SMALL_BODY = 64 * 1024  # up to this size the body is sent as one bytes object
+STREAM_PIECE = 256 * 1024  # bytes pulled from the body factory per worker-thread hop
+MAX_RESPONSE_READ = 4096  # bytes of a response body we ever look at
+MAX_TEXT = 200  # printable characters taken from the webhook's own words
+MAX_REPLY_LINE = 512  # octets, CRLF included (RFC 5321 4.5.3.1.5)
+BACKOFF_BASE = 0.2  # seconds before the first retry
+BACKOFF_FACTOR = 2.5
+BACKOFF_CAP = 2.0
+CLOSE_GRACE = 5.0  # seconds to close pooled connections at shutdown
+
+# Transport failure kinds (Outcome.error) -> default reply.
+_TRANSPORT_REPLIES: dict[str, Reply] = {
+    "timeout": Reply(451, "4.4.2", "webhook timed out"),
+    "connect": Reply(451, "4.4.1", "webhook connection failed"),
+    "reset": Reply(451, "4.4.1", "webhook connection reset"),
+    "tls": Reply(451, "4.4.1", "webhook TLS error"),
+    "protocol": Reply(451, "4.3.0", "webhook sent an invalid HTTP response"),
+    "internal": Reply(451, "4.3.0", "internal error"),
+}
+# We own the framing of the request body.
+_FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding"})
+
+_REPLY_RE = re.compile(
+    r"([245][0-9][0-9])[ \t]+([245]\.[0-9]{1,3}\.[0-9]{1,3})(?:[ \t]+(.*))?", re.DOTALL
+)
+_LINE_BREAK = re.compile(r"[\r\n]+")
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+@dataclass(frozen=True)
+class WebhookRequest:
+    """One recipient's copy, ready to POST."""
+
+    url: str
+    headers: list[tuple[str, str]]  # every header to send except the framing ones
+    chunks: Callable[[], Iterable[bytes]]  # each call yields the whole body again (retries)
+    length: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one recipient's copy, after all attempts."""
+
+    reply: Reply  # the LMTP reply for this recipient
+    http_status: int | None  # last HTTP status, None on transport error
+    attempts: int
+    duration: float  # seconds, all attempts and backoff
+    error: str | None  # transport failure kind: timeout, connect, reset, tls, protocol, internal
+
+
+# --- the map ----------------------------------------------------------------------------------
+
+
+def sanitize_text(text: str, limit: int = MAX_TEXT) -> str:
+    """The first non-blank line of ``text``, printable ASCII only, cut to ``limit`` characters.
+
+    Whatever a webhook sends, the result can never start a second reply line.
+    """
+    for line in _LINE_BREAK.split(text):
+        clean = " ".join(_NOT_PRINTABLE.sub("", line).split())
+        if clean:
+            return clean[:limit].rstrip()
+    return ""
+
+
+def parse_reply(value: str) -> Reply | None:
+    """Parse ``"451 4.3.0 [text]"`` (a status_map value or an X-Lmtp-Reply header).
+
+    None when it is not a well-formed reply: the code must be 2xx/4xx/5xx (421 is refused,
+    it means the session closes), and the enhanced code's class must match the code.
+    """
+    match = _REPLY_RE.fullmatch(value.strip(" \t"))
+    if match is None:
+        return None
+    code, status, text = match.groups()
+    if code[0] != status[0] or code == "421":
+        return None
+    return Reply(int(code), status, sanitize_text(text or ""))
+
+
+def _default_reply(status: int) -> Reply:
+    if 200 <= status < 300:
+        return Reply(250, "2.0.0")
+    if status in (404, 410):
+        return Reply(550, "5.1.1")
+    if status == 413:
+        return Reply(552, "5.3.4")
+    if status in (400, 415, 422):
+        return Reply(554, "5.6.0")
+    if status in (401, 403, 407):
+        return Reply(451, "4.7.0")
+    if status in (408, 425, 429):
+        return Reply(451, "4.3.0")
+    if 400 <= status < 500:
+        return Reply(554, "5.0.0")
+    if status == 507:
+        return Reply(452, "4.2.2")
+    return Reply(451, "4.3.0")  # 5xx, 3xx and anything stranger
+
+
+def _override(keys: Iterable[str], overrides: Mapping[str, str], success: bool) -> Reply | None:
+    """The first usable override among ``keys``; it may say 2xx only when the webhook did."""
+    lowered = {key.strip().lower(): value for key, value in overrides.items()}
+    for key in keys:
+        value = lowered.get(key)
+        if value is None:
+            continue
+        reply = parse_reply(value)
+        if reply is None or reply.is_success != success:
+            log.warning("ignoring invalid status_map entry %r: %r", key, value)
+            continue
+        return reply
+    return None
+
+
+def _fit(reply: Reply) -> Reply:
+    """Cut the text so the whole reply line stays within MAX_REPLY_LINE octets."""
+    room = MAX_REPLY_LINE - len(f"{reply.code} {reply.status} \r\n")
+    text = reply.text if isinstance(reply.text, str) else " ".join(reply.text)
+    return Reply(reply.code, reply.status, text[:room].rstrip())
+
+
+def map_response(
+    status: int,
+    body_first_line: str,
+    lmtp_reply_header: str | None,
+    overrides: Mapping[str, str],
+) -> Reply:
+    """The LMTP reply for an HTTP answer (SPEC section 4).
+
+    A valid ``X-Lmtp-Reply`` header wins, then ``overrides`` (exact code before class), then the
+    default map. Only a 2xx HTTP status can ever give a 2xx reply.
+    """
+    success = 200 <= status < 300
+    if success:
+        text = f"delivered (HTTP {status})"
+    else:
+        line = sanitize_text(body_first_line)
+        text = f"webhook answered HTTP {status}" + (f": {line}" if line else "")
+
+    if lmtp_reply_header is not None:
+        chosen = parse_reply(lmtp_reply_header)
+        if chosen is not None and chosen.is_success == success:
+            return _fit(Reply(chosen.code, chosen.status, chosen.text or text))
+
+    reply = _override((str(status), f"{status // 100}xx"), overrides, success)
+    if reply is None:
+        reply = _default_reply(status)
+    return _fit(Reply(reply.code, reply.status, reply.text or text))
+
+
+def classify_transport_error(exc: Exception) -> str:
+    """The failure kind of an exception raised while talking to the webhook."""
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, httpx.NetworkError) and _caused_by_tls(exc):
+        return "tls"
+    if isinstance(exc, httpx.ConnectError):
+        return "connect"
+    if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
+        return "reset"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        # A peer that hangs up before answering is a lost connection, not a bad answer.
+        if "disconnected" in str(exc).lower():
+            return "reset"
+        return "protocol"
+    return "internal"
+
+
+def _caused_by_tls(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError | ssl.CertificateError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def map_transport_error(exc: Exception, overrides: Mapping[str, str]) -> Reply:
+    """The LMTP reply when no HTTP answer came (SPEC section 4: always a 4xx by default).
+
+    Overrides: ``"timeout"`` for timeouts, then ``"error"`` for any transport failure.
+    Our own bugs are never overridable: they stay ``451 4.3.0``.
+    """
+    kind = classify_transport_error(exc)
+    default = _TRANSPORT_REPLIES[kind]
+    if kind == "internal":
+        return default
+    reply = _override((kind, "error"), overrides, success=False)
+    if reply is None:
+        return default
+    return _fit(Reply(reply.code, reply.status, reply.text or str(default.text)))
+
+
+def backoff_delay(retry: int) -> float:
+    """Seconds to wait before retry number ``retry`` (1-based): short, growing, jittered."""
+    delay = min(BACKOFF_CAP, BACKOFF_BASE * BACKOFF_FACTOR ** (retry - 1))
+    return delay * random.uniform(0.5, 1.0)
+
+
+# --- the client -------------------------------------------------------------------------------
+
+
+def _take(chunks: Iterator[bytes], limit: int) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    for piece in chunks:
+        parts.append(piece)
+        size += len(piece)
+        if size >= limit:
+            break
+    return b"".join(parts)
+
+
+class _BodyStream:
+    """The request body as an async iterator; reading the factory (maybe a spool file) happens
+    in a worker thread so a slow disk never stalls the event loop."""
+
+    def __init__(self, factory: Callable[[], Iterable[bytes]]) -> None:
+        self._factory = factory
+        self._chunks: Iterator[bytes] | None = None
+
+    def __aiter__(self) -> _BodyStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = iter(self._factory())
+        piece = await trio.to_thread.run_sync(_take, self._chunks, STREAM_PIECE)
+        if not piece:
+            raise StopAsyncIteration
+        return piece
+
+
+def _tls_setting(verify: bool | str) -> bool | ssl.SSLContext:
+    if isinstance(verify, bool):
+        return verify
+    if os.path.isdir(verify):
+        return ssl.create_default_context(capath=verify)
+    return ssl.create_default_context(cafile=verify)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    reply: Reply
+    http_status: int | None
+    error: str | None
+
+
+class WebhookClient:
+    """One long-lived, pooled HTTP client shared by every delivery."""
+
+    def __init__(
+        self,
+        *,
+        max_connections: int = 1000,
+        max_keepalive_connections: int = 100,
+        verify: bool | str = True,
+        user_agent: str = DEFAULT_USER_AGENT,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._client = httpx.AsyncClient(
+            transport=transport,  # tests only: e.g. httpx.MockTransport
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=min(max_keepalive_connections, max_connections),
+            ),
+            verify=_tls_setting(verify),
+            follow_redirects=False,
+            trust_env=False,
+            # identity: we read raw bytes of error bodies and never want to inflate them
+            headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def deliver(self, route: Route, request: WebhookRequest) -> Outcome:
+        """POST one recipient's copy, retrying 4xx outcomes up to ``route.retries`` times.
+
+        Never raises except ``trio.Cancelled`` (the caller's deadline), which it lets through.
+        """
+        started = time.perf_counter()
+        attempts = 0
+        while True:
+            attempts += 1
+            result = await self._attempt(route, request)
+            if not result.reply.is_transient or attempts > route.retries:
+                break
+            WEBHOOK_RETRIES.labels(route.name).inc()
+            await trio.sleep(backoff_delay(attempts))
+        return Outcome(
+            reply=result.reply,
+            http_status=result.http_status,
+            attempts=attempts,
+            duration=time.perf_counter() - started,
+            error=result.error,
+        )
+
+    async def _attempt(self, route: Route, request: WebhookRequest) -> _Attempt:
+        in_flight = WEBHOOK_IN_FLIGHT.labels(route.name)
+        in_flight.inc()
+        started = time.perf_counter()
+        try:
+            result = await self._attempt_unmetered(route, request)
+        finally:
+            in_flight.dec()
+        WEBHOOK_DURATION.labels(route.name).observe(time.perf_counter() - started)
+        WEBHOOK_REQUESTS.labels(route.name, status_class(result.http_status)).inc()
+        log.debug(
+            "webhook attempt",
+            extra={"route": route.name, "http_status": result.http_status, "error": result.error},
+        )
+        return result
+
+    async def _attempt_unmetered(self, route: Route, request: WebhookRequest) -> _Attempt:
+        try:
+            # httpx's Timeout bounds each phase; this scope bounds connect-to-last-byte.
+            with trio.move_on_after(route.timeout):
+                status, reply_header, body = await self._exchange(route, request)
+                reply = map_response(status, body, reply_header, route.status_map)
+                return _Attempt(reply, status, None)
+            failure: Exception = httpx.TimeoutException("no answer within the route's timeout")
+        except Exception as exc:
+            failure = exc
+            if classify_transport_error(exc) == "internal":
+                log.exception("webhook request failed unexpectedly", extra={"route": route.name})
+        kind = classify_transport_error(failure)
+        return _Attempt(map_transport_error(failure, route.status_map), None, kind)
+
+    async def _exchange(self, route: Route, request: WebhookRequest) -> tuple[int, str | None, str]:
+        """Send the request; return the status, the X-Lmtp-Reply header and the body's start."""
+        headers = [(k, v) for k, v in request.headers if k.lower() not in _FRAMING_HEADERS]
+        headers.append(("Content-Length", str(request.length)))
+        content: bytes | _BodyStream
+        if request.length <= SMALL_BODY:
+            content = b"".join(request.chunks())
+        else:
+            content = _BodyStream(request.chunks)
+        outgoing = self._client.build_request(
+            "POST",
+            request.url,
+            headers=headers,
+            content=content,
+            timeout=httpx.Timeout(route.timeout),
+        )
+        response = await self._client.send(outgoing, stream=True)
+        try:
+            # Reading a short body to its end lets the connection go back to the pool.
+            body = b""
+            raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
+            async with aclosing(raw) as pieces:
+                async for piece in pieces:
+                    body += piece
+                    if len(body) >= MAX_RESPONSE_READ:
+                        break
+        finally:
+            await response.aclose()
+        reply_header = response.headers.get(REPLY_HEADER)
+        text = body[:MAX_RESPONSE_READ].decode("ascii", "ignore")
+        return response.status_code, reply_header, text
+
+
+@asynccontextmanager
+async def open_webhook_client(
+    *,
+    max_connections: int = 1000,
+    max_keepalive_connections: int = 100,
+    verify: bool | str = True,
+    user_agent: str = DEFAULT_USER_AGENT,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AsyncIterator[WebhookClient]:
+    """A WebhookClient whose pooled connections are closed on the way out, even when cancelled."""
+    client = WebhookClient(
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive_connections,
+        verify=verify,
+        user_agent=user_agent,
+        transport=transport,
+    )
+    try:
+        yield client
+    finally:
+        with trio.move_on_after(CLOSE_GRACE, shield=True):
+            await client.aclose()
