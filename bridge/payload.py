@@ -1,0 +1,548 @@
+"""One recipient's copy of a message as a webhook request body: ``json``, ``raw`` or ``multipart``.
+
+The MIME parse runs once per message (``ParsedMessage``); each recipient only adds its envelope.
+
+``json`` (application/json) is the version 1 object of SPEC section 5. ``raw`` (message/rfc822)
+is ``Return-Path``, ``Delivered-To`` and ``Received`` trace headers followed by the message
+bytes exactly as received. ``multipart`` (multipart/form-data) has these fields, in order:
+
+- ``envelope``: the envelope JSON object (Content-Type application/json);
+- ``message``: the message JSON object, attachments listed without their ``content``;
+- ``defects``: the JSON list of parser defects (often ``[]``);
+- ``attachment1`` … ``attachmentN``: one file part per attachment, numbered like
+  ``message.attachments`` (``attachmentK`` is ``attachments[K-1]``), with the attachment's
+  filename (``attachmentK`` when it has none), content type and decoded bytes.
+
+Address objects are ``{"name": str, "address": str}``; ``name`` is ``""`` when absent.
+"""
+
+from __future__ import annotations
+
+import base64
+import codecs
+import email.utils
+import ipaddress
+import json
+import re
+import secrets
+import string
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.headerregistry import HeaderRegistry
+from email.message import Message
+from email.parser import BytesParser
+from email.policy import EmailPolicy
+from typing import Any
+
+from bridge.transaction import Envelope, MessageBuffer, Recipient
+
+PAYLOAD_KINDS = ("json", "raw", "multipart")
+JSON_VERSION = 1
+# Deeper MIME nesting than this is not looked into (it is still in "raw" and in the defects).
+MAX_MIME_DEPTH = 50
+
+# Everything printable stays readable except "%" itself, so the encoding can be undone.
+_HEADER_SAFE = "".join(c for c in string.punctuation if c != "%")
+_MSGID = re.compile(r"<[^<>]*>")
+
+
+class _MailPolicy(EmailPolicy):
+    """``email.policy.default``, but 8-bit header bytes are read as UTF-8 (else Latin-1).
+
+    Postfix passes raw UTF-8 headers; the stock policy keeps them as surrogate escapes,
+    which would leak into addresses and file names.
+    """
+
+    def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
+        name, value = super().header_source_parse(sourcelines)
+        if any("\udc80" <= c <= "\udcff" for c in value):
+            value = _decode_8bit(value.encode("utf-8", "surrogateescape"))
+        return name, value
+
+    def header_fetch_parse(self, name: str, value: str) -> Any:
+        try:
+            return super().header_fetch_parse(name, value)
+        except Exception:
+            # The stdlib header parser has crashes on hostile input (e.g. a trailing "charset*"
+            # in Content-Type); keep the MIME type and drop the parameters, or keep the text.
+            head = value.partition(";")[0]
+            if name.lower().startswith("content-") and head != value:
+                try:
+                    return super().header_fetch_parse(name, head)
+                except Exception:
+                    pass
+            return _UNSTRUCTURED(name, " ".join(value.split()))
+
+
+_UNSTRUCTURED = HeaderRegistry(use_default_map=False)
+_POLICY = _MailPolicy()
+# For re-serialising an attached message/rfc822 part.
+_GENERATOR_POLICY = _POLICY.clone(linesep="\r\n", utf8=True)
+
+
+@dataclass(frozen=True)
+class WebhookBody:
+    """A request body and its payload-specific headers (not the id or signature headers)."""
+
+    content_type: str
+    headers: list[tuple[str, str]]
+    chunks: Callable[[], Iterable[bytes]]  # each call yields the whole body again from the start
+    length: int  # total bytes
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A MIME part that is not the message's text or HTML body."""
+
+    filename: str | None
+    content_type: str
+    disposition: str | None
+    content_id: str | None
+    content: bytes  # decoded (base64 / quoted-printable undone)
+
+    def describe(self, with_content: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "filename": self.filename,
+            "content_type": self.content_type,
+            "size": len(self.content),
+            "disposition": self.disposition,
+            "content_id": self.content_id,
+        }
+        if with_content:
+            out["content"] = base64.b64encode(self.content).decode("ascii")
+        return out
+
+
+class ParsedMessage:
+    """The message parsed once, with its JSON serialisations cached for every recipient."""
+
+    def __init__(
+        self, fields: dict[str, Any], attachments: list[Attachment], defects: list[str]
+    ) -> None:
+        # fields: the "message" object without "attachments" (those are kept as Attachment).
+        self.fields = fields
+        self.attachments = attachments
+        self.defects = defects
+        self._json: dict[bool, bytes] = {}
+        self._defects_json: bytes | None = None
+        self._raw_json: bytes | None = None
+
+    @classmethod
+    def parse(cls, data: bytes) -> ParsedMessage:
+        """Parse the message bytes; broken MIME gives what could be decoded plus defects."""
+        try:
+            return cls._parse(data)
+        except Exception as exc:  # a parser bug must not cost the message: fall back to text
+            fields = _empty_fields()
+            fields["text"] = _decode_8bit(data)
+            return cls(fields, [], [f"ParserError: {type(exc).__name__}: {exc}"])
+
+    @classmethod
+    def from_buffer(cls, message: MessageBuffer) -> ParsedMessage:
+        return cls.parse(message.getvalue())
+
+    @classmethod
+    def _parse(cls, data: bytes) -> ParsedMessage:
+        msg = BytesParser(policy=_POLICY).parsebytes(data)
+        defects = _Defects()
+        defects.add_all("message", msg.defects)
+        headers = _parsed_headers(msg)
+
+        def named(name: str) -> list[Any]:
+            found = [h for n, h in headers if n.lower() == name]
+            for h in found:
+                defects.add_all(name.title(), getattr(h, "defects", ()))
+            return found
+
+        fields = _empty_fields()
+        fields["message_id"] = _first_text(named("message-id"))
+        fields["subject"] = _first_text(named("subject"), strip=False)
+        fields["date"] = _date(named("date"))
+        fields["from"] = _addresses(named("from"))
+        fields["to"] = _addresses(named("to"))
+        fields["cc"] = _addresses(named("cc"))
+        fields["reply_to"] = _addresses(named("reply-to"))
+        fields["in_reply_to"] = _first_text(named("in-reply-to"))
+        fields["references"] = _msgids(named("references"))
+        fields["headers"] = [[n, str(h)] for n, h in headers]
+
+        attachments: list[Attachment] = []
+        for where, part in _leaves(msg, defects):
+            try:
+                _take_part(where, part, fields, attachments, defects)
+            except Exception as exc:  # one unreadable part must not cost the others
+                defects.add(where, f"unreadable part ({type(exc).__name__}: {exc})")
+        return cls(fields, attachments, defects.items)
+
+    def message_json(self, with_content: bool = True) -> bytes:
+        """The serialised ``message`` object (computed once per variant)."""
+        cached = self._json.get(with_content)
+        if cached is None:
+            obj = dict(self.fields)
+            obj["attachments"] = [a.describe(with_content) for a in self.attachments]
+            cached = self._json[with_content] = _dumps(obj)
+        return cached
+
+    def defects_json(self) -> bytes:
+        if self._defects_json is None:
+            self._defects_json = _dumps(self.defects)
+        return self._defects_json
+
+    def raw_json(self, message: MessageBuffer) -> bytes:
+        """The whole message as a base64 JSON string; ``message`` is the one that was parsed."""
+        if self._raw_json is None:
+            encoded = base64.b64encode(message.getvalue())
+            self._raw_json = b'"' + encoded + b'"'
+        return self._raw_json
+
+
+def build_body(
+    kind: str,
+    envelope: Envelope,
+    recipient: Recipient,
+    message: MessageBuffer,
+    parsed: ParsedMessage | None,
+    delivery_id: str,
+    hostname: str,
+    include_raw: bool = False,
+    *,
+    trace_headers: bool = True,
+) -> WebhookBody:
+    """The request body for one recipient's copy; ``parsed`` is shared by all recipients."""
+    if kind == "raw":
+        return _raw_body(envelope, recipient, message, delivery_id, hostname, trace_headers)
+    if kind not in PAYLOAD_KINDS:
+        raise ValueError(f"unknown payload kind {kind!r}; expected one of {PAYLOAD_KINDS}")
+    if parsed is None:
+        parsed = ParsedMessage.from_buffer(message)
+    env = envelope_object(envelope, recipient, message)
+    if kind == "json":
+        pieces = [
+            b'{"version":%d,"delivery_id":' % JSON_VERSION,
+            _dumps(delivery_id),
+            b',"envelope":',
+            _dumps(env),
+            b',"message":',
+            parsed.message_json(with_content=True),
+            b',"defects":',
+            parsed.defects_json(),
+        ]
+        if include_raw:
+            pieces += [b',"raw":', parsed.raw_json(message)]
+        pieces.append(b"}")
+        return _body("application/json", [], pieces)
+    return _multipart_body(env, parsed)
+
+
+def envelope_object(
+    envelope: Envelope, recipient: Recipient, message: MessageBuffer
+) -> dict[str, Any]:
+    """The ``envelope`` JSON object: naming only this recipient, never the others (Bcc)."""
+    return {
+        "mail_from": envelope.mail_from,
+        "rcpt_to": recipient.address,
+        "lhlo": envelope.lhlo,
+        "client_address": envelope.client_address,
+        "body": envelope.body,
+        "smtputf8": envelope.smtputf8,
+        "size": message.size,
+        "orcpt": recipient.orcpt,
+        "xforward": {k.lower(): v for k, v in envelope.xforward.items()},
+        "received_at": _received_at(envelope).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def trace_header_bytes(
+    envelope: Envelope, recipient: Recipient, delivery_id: str, hostname: str
+) -> bytes:
+    """``Return-Path``, ``Delivered-To`` and ``Received`` (RFC 3848 "with LMTP"), CRLF-ended."""
+    short_id = delivery_id.removeprefix("msg_")[:16]
+    date = email.utils.format_datetime(_received_at(envelope))
+    lines = [
+        f"Return-Path: <{_one_line(envelope.mail_from)}>",
+        f"Delivered-To: {_one_line(recipient.address)}",
+        f"Received: from {_one_line(envelope.lhlo)} ({_address_literal(envelope.client_address)})"
+        f"\r\n\tby {_one_line(hostname)} with LMTP id {short_id}; {date}",
+    ]
+    return b"".join(_utf8(line) + b"\r\n" for line in lines)
+
+
+def quote_header(value: str) -> str:
+    """An address as an ASCII header value: non-ASCII, "%" and space percent-encoded."""
+    return urllib.parse.quote(_utf8(value), safe=_HEADER_SAFE)
+
+
+# --- bodies ---------------------------------------------------------------------------
+
+
+def _body(content_type: str, headers: list[tuple[str, str]], pieces: list[bytes]) -> WebhookBody:
+    frozen = tuple(pieces)
+    return WebhookBody(
+        content_type=content_type,
+        headers=headers,
+        chunks=lambda: iter(frozen),
+        length=sum(len(p) for p in frozen),
+    )
+
+
+def _raw_body(
+    envelope: Envelope,
+    recipient: Recipient,
+    message: MessageBuffer,
+    delivery_id: str,
+    hostname: str,
+    trace_headers: bool,
+) -> WebhookBody:
+    trace = trace_header_bytes(envelope, recipient, delivery_id, hostname) if trace_headers else b""
+
+    def chunks() -> Iterator[bytes]:
+        if trace:
+            yield trace
+        # Streamed piece by piece: a spooled message is never read whole into memory.
+        yield from message.iter_chunks()
+
+    headers = [
+        ("X-Lmtp-Mail-From", quote_header(envelope.mail_from)),
+        ("X-Lmtp-Rcpt-To", quote_header(recipient.address)),
+    ]
+    return WebhookBody("message/rfc822", headers, chunks, len(trace) + message.size)
+
+
+def _multipart_body(env: dict[str, Any], parsed: ParsedMessage) -> WebhookBody:
+    boundary = "lmtp-bridge-" + secrets.token_hex(16)
+    delimiter = f"--{boundary}\r\n".encode("ascii")
+    pieces: list[bytes] = []
+
+    def field(name: str, content_type: str, content: bytes, filename: str | None = None) -> None:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{_form_quote(filename)}"'
+        head = f"Content-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n"
+        pieces.extend((delimiter, _utf8(head), content, b"\r\n"))
+
+    field("envelope", "application/json", _dumps(env))
+    field("message", "application/json", parsed.message_json(with_content=False))
+    field("defects", "application/json", parsed.defects_json())
+    for n, att in enumerate(parsed.attachments, start=1):
+        name = f"attachment{n}"
+        field(name, att.content_type, att.content, att.filename or name)
+    pieces.append(f"--{boundary}--\r\n".encode("ascii"))
+    return _body(f'multipart/form-data; boundary="{boundary}"', [], pieces)
+
+
+# --- MIME ----------------------------------------------------------------------------
+
+
+class _Defects:
+    """Parser defects as readable strings, in order, without repeats."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        line = f"{where}: {what}"
+        if line not in self.items:
+            self.items.append(line)
+
+    def add_all(self, where: str, defects: Iterable[Exception]) -> None:
+        for d in defects:
+            text = str(d)
+            self.add(where, f"{type(d).__name__}: {text}" if text else type(d).__name__)
+
+
+def _empty_fields() -> dict[str, Any]:
+    return {
+        "message_id": None,
+        "subject": None,
+        "date": None,
+        "from": [],
+        "to": [],
+        "cc": [],
+        "reply_to": [],
+        "in_reply_to": None,
+        "references": [],
+        "headers": [],
+        "text": None,
+        "html": None,
+    }
+
+
+def _parsed_headers(msg: Message) -> list[tuple[str, Any]]:
+    """Every header in order, decoded; a header the library cannot parse stays a plain str."""
+    out: list[tuple[str, Any]] = []
+    for name, raw in msg.raw_items():
+        try:
+            value: Any = _POLICY.header_fetch_parse(name, raw)
+            str(value)
+        except Exception:
+            value = " ".join(str(raw).split())
+        out.append((name, value))
+    return out
+
+
+def _first_text(found: list[Any], strip: bool = True) -> str | None:
+    if not found:
+        return None
+    text = str(found[0])
+    return text.strip() if strip else text
+
+
+def _date(found: list[Any]) -> str | None:
+    dt = getattr(found[0], "datetime", None) if found else None
+    if not isinstance(dt, datetime):
+        return None
+    if dt.tzinfo is None:  # "-0000": UTC with the sender's zone unknown (RFC 5322 3.3)
+        dt = dt.replace(tzinfo=UTC)
+    return dt.isoformat()
+
+
+def _addresses(found: list[Any]) -> list[dict[str, str]]:
+    out = []
+    for header in found:
+        for addr in getattr(header, "addresses", ()):
+            out.append({"name": addr.display_name or "", "address": addr.addr_spec})
+    return out
+
+
+def _msgids(found: list[Any]) -> list[str]:
+    out: list[str] = []
+    for header in found:
+        text = str(header)
+        out.extend(_MSGID.findall(text) or text.split())
+    return out
+
+
+def _leaves(msg: Message, defects: _Defects) -> Iterator[tuple[str, Message]]:
+    """The non-multipart parts in order, each with a "part 1.2"-style location."""
+    stack: list[tuple[str, Message, int]] = [("message", msg, 0)]
+    while stack:
+        where, part, depth = stack.pop()
+        if part.get_content_maintype() == "multipart" and part.is_multipart():
+            if depth >= MAX_MIME_DEPTH:
+                defects.add(where, f"MIME nesting deeper than {MAX_MIME_DEPTH}; not looked into")
+                continue
+            prefix = "part " if where == "message" else where + "."
+            children = part.get_payload()
+            if not isinstance(children, list):
+                yield where, part
+                continue
+            for i in reversed(range(len(children))):
+                child = children[i]
+                if isinstance(child, Message):
+                    stack.append((f"{prefix}{i + 1}", child, depth + 1))
+        else:
+            yield where, part
+
+
+def _take_part(
+    where: str,
+    part: Message,
+    fields: dict[str, Any],
+    attachments: list[Attachment],
+    defects: _Defects,
+) -> None:
+    ctype = part.get_content_type()
+    disposition = part.get_content_disposition()
+    filename = part.get_filename()
+    content = _part_bytes(where, part, defects)
+    defects.add_all(where, part.defects)
+
+    maintype, _, subtype = ctype.partition("/")
+    # A multipart whose boundary never appears is a leaf: its text is the best we have.
+    is_text = ctype in ("text/plain", "text/html") or maintype == "multipart"
+    is_body = disposition != "attachment" and (filename is None or disposition == "inline")
+    key = "html" if subtype == "html" else "text"
+    if is_text and is_body and fields[key] is None:
+        fields[key] = _decode_text(where, part, content, defects)
+        return
+    content_id = part.get("Content-ID")
+    attachments.append(
+        Attachment(
+            filename=filename,
+            content_type=ctype,
+            disposition=disposition,
+            content_id=str(content_id).strip() if content_id is not None else None,
+            content=content,
+        )
+    )
+
+
+def _part_bytes(where: str, part: Message, defects: _Defects) -> bytes:
+    try:
+        if part.is_multipart():
+            # message/rfc822 and friends are parsed into sub-messages: write the body back out.
+            try:
+                whole = part.as_bytes(policy=_GENERATOR_POLICY)
+            except Exception:  # the bytes generator trips over some broken 8-bit parts
+                whole = _utf8(part.as_string(policy=_GENERATOR_POLICY))
+            return whole.partition(b"\r\n\r\n")[2]
+        payload = part.get_payload(decode=True)
+        return payload if isinstance(payload, bytes) else b""
+    except Exception as exc:
+        defects.add(where, f"undecodable content ({type(exc).__name__}: {exc})")
+        return b""
+
+
+def _decode_text(where: str, part: Message, content: bytes, defects: _Defects) -> str:
+    charset = part.get_content_charset()
+    if charset in (None, "us-ascii", "ascii", "unknown-8bit", "x-unknown"):
+        return _decode_8bit(content)
+    try:
+        codec = codecs.lookup(charset)
+    except LookupError:
+        defects.add(where, f"unknown charset {charset!r}; decoded as UTF-8 or Latin-1")
+        return _decode_8bit(content)
+    return content.decode(codec.name, "replace")
+
+
+def _decode_8bit(data: bytes) -> str:
+    """Undeclared 8-bit text: UTF-8 when it is valid UTF-8, otherwise Latin-1 (never fails)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+# --- small helpers ---------------------------------------------------------------------
+
+
+def _dumps(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate cannot be UTF-8; \u-escapes keep the JSON valid.
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        # Addresses decoded with surrogateescape go back to their original bytes.
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace")
+
+
+def _received_at(envelope: Envelope) -> datetime:
+    dt = envelope.received_at or datetime.now(UTC)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+
+
+def _one_line(text: str) -> str:
+    # The protocol core rejects CR and LF in commands; this is a second fence for headers.
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def _address_literal(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return _one_line(address)  # "unix", or a name
+    return f"[IPv6:{ip}]" if ip.version == 6 else f"[{ip}]"
+
+
+def _form_quote(text: str) -> str:
+    # The WHATWG form encoding: UTF-8 as is, with '"', CR and LF percent-encoded.
+    return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
