@@ -96,26 +96,29 @@ async def run(
         server = LmtpServer(server_options(settings), router, deliverer)
         listeners, names = await open_listeners(settings)
         running = Running(server, readiness, names)
-        async with trio.open_nursery() as nursery:
-            if settings.metrics_listen:
-                where = parse_listen(settings.metrics_listen)
-                running.metrics_port = await nursery.start(
-                    serve_http, observability_handler(readiness), where.host, where.port
+        try:
+            async with trio.open_nursery() as nursery:
+                if settings.metrics_listen:
+                    where = parse_listen(settings.metrics_listen)
+                    running.metrics_port = await nursery.start(
+                        serve_http, observability_handler(readiness), where.host, where.port
+                    )
+                if handle_signals:
+                    nursery.start_soon(_stop_on_signal, running)
+                await nursery.start(_serve_then_stop, server, listeners, nursery.cancel_scope)
+                readiness.set_ready(True)
+                log_event(
+                    log,
+                    logging.INFO,
+                    "lmtp-bridge ready",
+                    version=__version__,
+                    listen=names,
+                    metrics_port=running.metrics_port,
                 )
-            if handle_signals:
-                nursery.start_soon(_stop_on_signal, running)
-            await nursery.start(_serve_then_stop, server, listeners, nursery.cancel_scope)
-            readiness.set_ready(True)
-            log_event(
-                log,
-                logging.INFO,
-                "lmtp-bridge ready",
-                version=__version__,
-                listen=names,
-                metrics_port=running.metrics_port,
-            )
-            task_status.started(running)
-        _remove_unix_sockets(settings.listen_addresses)
+                task_status.started(running)
+        finally:
+            # also when cancelled: a stale socket file would mislead the next start's clients
+            _remove_unix_sockets(settings.listen_addresses)
         log_event(log, logging.INFO, "lmtp-bridge stopped")
 
 

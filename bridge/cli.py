@@ -175,7 +175,7 @@ async def _run_and_cancel(
 def _send(args: argparse.Namespace) -> int:
     from bridge.client import LmtpClientError, send
 
-    if args.file == "-" or (args.file is None and not sys.stdin.isatty()):
+    if args.file == "-":
         message = sys.stdin.buffer.read()
     elif args.file:
         with open(args.file, "rb") as f:

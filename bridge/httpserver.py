@@ -8,6 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import NoReturn
 
 import h11
@@ -250,7 +251,9 @@ class _Connection:
             ("date", formatdate(usegmt=True)),
             ("server", f"lmtp-bridge/{__version__}"),
         ]
-        return h11.Response(status_code=response.status, headers=headers)
+        return h11.Response(
+            status_code=response.status, headers=headers, reason=_reason(response.status)
+        )
 
     async def _send(self, event: h11.Event) -> None:
         data = self.h11.send(event)
@@ -316,3 +319,10 @@ def observability_handler(readiness: Readiness) -> Handler:
         return text_response(503, "draining")
 
     return handle
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""

@@ -62,8 +62,22 @@ PROTOCOL_ERRORS = Counter(
 READY = Gauge("lmtp_bridge_ready", "1 while the bridge accepts connections, 0 while draining")
 BUILD_INFO = Gauge("lmtp_bridge_build_info", "Build information", ["version"])
 
-COMMON_REPLY_CODES = ("221", "250", "252", "354", "421", "451", "452", "500", "501", "503",
-                      "550", "552", "554", "555")
+COMMON_REPLY_CODES = (
+    "221",
+    "250",
+    "252",
+    "354",
+    "421",
+    "451",
+    "452",
+    "500",
+    "501",
+    "503",
+    "550",
+    "552",
+    "554",
+    "555",
+)
 
 
 def init_metrics(route_names: Iterable[str]) -> None:

@@ -455,7 +455,8 @@ def _take_part(
     is_body = disposition != "attachment" and (filename is None or disposition == "inline")
     key = "html" if subtype == "html" else "text"
     if is_text and is_body and fields[key] is None:
-        fields[key] = _decode_text(where, part, content, defects)
+        # MIME text travels with CRLF line ends; receivers expect newlines
+        fields[key] = _decode_text(where, part, content, defects).replace("\r\n", "\n")
         return
     content_id = part.get("Content-ID")
     attachments.append(

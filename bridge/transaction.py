@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
 READ_CHUNK = 256 * 1024
 
+
 @dataclass(frozen=True, slots=True)
 class Envelope:
     """What the client said about the message, shared by every recipient's copy."""
@@ -28,6 +29,7 @@ class Envelope:
     xforward: dict[str, str] = field(default_factory=dict)  # keys lower case: name, addr, ...
     received_at: datetime | None = None
 
+
 @dataclass(frozen=True, slots=True)
 class Recipient:
     """An accepted RCPT: the address, its ORCPT= and the route that will carry it."""
@@ -35,6 +37,7 @@ class Recipient:
     address: str
     route: Route
     orcpt: str | None = None
+
 
 class MessageBuffer:
     """The message bytes as received: in memory up to a threshold, then in a temporary file.
@@ -60,7 +63,8 @@ class MessageBuffer:
         if self._file is None:
             self._chunks.append(data)
             if self.size > self._threshold:
-                self._file = tempfile.TemporaryFile(prefix="lmtp-bridge-", dir=self._spool_dir)
+                # closed by close(), which the session calls when the transaction ends
+                self._file = tempfile.TemporaryFile(prefix="lmtp-bridge-", dir=self._spool_dir)  # noqa: SIM115
                 self._file.writelines(self._chunks)
                 self._chunks = []
         else:

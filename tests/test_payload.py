@@ -185,7 +185,7 @@ def test_plain_text_mail() -> None:
         "References",
     ]
     assert ["Subject", "Lunch on Friday"] in msg["headers"]
-    assert msg["text"] == "Shall we meet at noon?\r\n"
+    assert msg["text"] == "Shall we meet at noon?\n"
     assert msg["html"] is None
     assert msg["attachments"] == []
     assert doc["defects"] == []
@@ -292,7 +292,7 @@ def test_latin1_declared_body() -> None:
         b"Subject: x\r\nContent-Type: text/plain; charset=iso-8859-1\r\n"
         b"Content-Transfer-Encoding: 8bit\r\n\r\nGr\xfc\xdfe aus K\xf6ln\r\n"
     )
-    assert as_json(raw)["message"]["text"] == "Grüße aus Köln\r\n"
+    assert as_json(raw)["message"]["text"] == "Grüße aus Köln\n"
 
 
 def test_quoted_printable_windows_1252_html() -> None:
@@ -300,7 +300,7 @@ def test_quoted_printable_windows_1252_html() -> None:
         b"Content-Type: text/html; charset=windows-1252\r\n"
         b"Content-Transfer-Encoding: quoted-printable\r\n\r\n<p>=80 5 =96 caf=E9</p>\r\n"
     )
-    assert as_json(raw)["message"]["html"] == "<p>\u20ac 5 \u2013 caf\u00e9</p>\r\n"
+    assert as_json(raw)["message"]["html"] == "<p>\u20ac 5 \u2013 caf\u00e9</p>\n"
 
 
 def test_undeclared_8bit_utf8_body_and_headers() -> None:
@@ -315,20 +315,20 @@ def test_undeclared_8bit_utf8_body_and_headers() -> None:
     assert msg["subject"] == "Grüße aus Köln ✓"
     assert msg["from"] == [{"name": "Jörg", "address": "jörg@exämple.org"}]
     assert ["Subject", "Grüße aus Köln ✓"] in msg["headers"]
-    assert msg["text"] == "Hällo, wie geht's? ✓\r\n"
+    assert msg["text"] == "Hällo, wie geht's? ✓\n"
 
 
 def test_undeclared_8bit_that_is_not_utf8_falls_back_to_latin1() -> None:
     raw = b"Subject: Gr\xfc\xdfe\r\n\r\nK\xf6ln\r\n"
     msg = as_json(raw)["message"]
     assert msg["subject"] == "Grüße"
-    assert msg["text"] == "Köln\r\n"
+    assert msg["text"] == "Köln\n"
 
 
 def test_unknown_charset_is_decoded_and_reported() -> None:
     raw = b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\nK\xc3\xb6ln\r\n"
     doc = as_json(raw)
-    assert doc["message"]["text"] == "Köln\r\n"
+    assert doc["message"]["text"] == "Köln\n"
     assert any("x-no-such-charset" in d for d in doc["defects"])
 
 
@@ -387,7 +387,7 @@ QUJD*REVG=x=
 def test_missing_boundary_parameter_keeps_the_text() -> None:
     raw = b"Subject: x\r\nContent-Type: multipart/mixed\r\n\r\nwhat is left\r\n"
     doc = as_json(raw)
-    assert doc["message"]["text"] == "what is left\r\n"
+    assert doc["message"]["text"] == "what is left\n"
     assert doc["defects"]
 
 

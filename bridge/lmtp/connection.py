@@ -42,8 +42,12 @@ _LONG_VERBS = (b"MAIL", b"RCPT", b"XFOR")
 
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO", "SOURCE", "PORT", "IDENT")
 BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
-_BDAT_ARGS = re.compile(r"(\d{1,15})(?: +(LAST))?", re.IGNORECASE)
+# re.ASCII: without it \d takes any script's digits and IGNORECASE folds U+017F into "s"
+_BDAT_ARGS = re.compile(r"(\d{1,15})(?: +(LAST))?", re.IGNORECASE | re.ASCII)
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=(\S*))?")
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}", re.ASCII)  # RFC 1870: 1*20DIGIT
+_ECHO_LIMIT = 64  # client text quoted back in a reply, so a reply line stays far below 512
+_XFORWARD_UNKNOWN = ("[UNAVAILABLE]", "[TEMPUNAVAIL]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +80,7 @@ class LmtpServerConnection:
         self._out: list[bytes] = []
         self._eof = False
         self._closed_reported = False
+        self._quit = False  # QUIT was read: report Quit, not ConnectionClosed
         self._pending: MailFrom | RcptTo | None = None
         self._replies_owed = 0
         self._errors = 0
@@ -173,6 +178,13 @@ class LmtpServerConnection:
 
     def next_event(self) -> Event | Sentinel:
         """The next event, ``NEED_DATA`` (feed more bytes) or ``PAUSED`` (answer first)."""
+        while True:
+            result = self._step()
+            # a loop, not recursion: a pipeline of many "BDAT 0" would exhaust the stack
+            if not isinstance(result, _Again):
+                return result
+
+    def _step(self) -> Event | Sentinel | _Again:
         if self._pending is not None or self._replies_owed:
             return PAUSED
         if self.state is State.CLOSED:
@@ -189,7 +201,7 @@ class LmtpServerConnection:
         if self._closed_reported:
             return NEED_DATA
         self._closed_reported = True
-        return ConnectionClosed()
+        return Quit() if self._quit else ConnectionClosed()
 
     def _on_eof(self) -> Event:
         """The peer closed its side and no complete command or data is left."""
@@ -206,7 +218,7 @@ class LmtpServerConnection:
 
     # ------------------------------------------------------------------ commands
 
-    def _read_command(self) -> Event | Sentinel:
+    def _read_command(self) -> Event | Sentinel | _Again:
         while True:
             buf = self._buf
             end = buf.find(CRLF)
@@ -233,10 +245,11 @@ class LmtpServerConnection:
                 return self._error(errors.LINE_TOO_LONG, "line_too_long")
             return self._command(line)
 
-    def _command(self, raw: bytes) -> Event | Sentinel:
+    def _command(self, raw: bytes) -> Event | Sentinel | _Again:
         text = raw.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # only ASCII verbs: str.upper() maps some non-ASCII letters (U+0131) to ASCII ones
+        verb = verb.upper() if verb.isascii() else verb
         if not verb:
             return self._error(errors.EMPTY_LINE, "syntax")
         handler = _HANDLERS.get(verb)
@@ -267,9 +280,11 @@ class LmtpServerConnection:
     def _cmd_lhlo(self, arg: str) -> Event:
         if not arg or " " in arg:
             raise errors.syntax("Syntax: LHLO <hostname>")
+        if not _is_clean(arg):
+            # the name ends up in trace headers: no control bytes, no invalid UTF-8
+            raise errors.syntax("Bad LHLO hostname")
         aborted = self.state in IN_TRANSACTION
         self._reset_transaction()
-        self.xforward = {}
         self.lhlo = arg
         self.state = State.READY
         keywords = [
@@ -294,7 +309,7 @@ class LmtpServerConnection:
         smtputf8 = False
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not _SIZE_VALUE.fullmatch(value):
                     raise errors.syntax("SIZE needs a number")
                 size = int(value)
                 limit = self.limits.max_message_size
@@ -309,7 +324,7 @@ class LmtpServerConnection:
                     raise errors.syntax("SMTPUTF8 takes no value")
                 smtputf8 = True
             else:
-                raise errors.parameter(f"Unsupported MAIL parameter {key}")
+                raise errors.parameter(f"Unsupported MAIL parameter {_echo(key)}")
         self._pending = MailFrom(sender, size=size, body=body, smtputf8=smtputf8)
         return self._pending
 
@@ -323,7 +338,7 @@ class LmtpServerConnection:
                     raise errors.syntax("ORCPT needs addr-type;address")
                 orcpt = value
             else:
-                raise errors.parameter(f"Unsupported RCPT parameter {key}")
+                raise errors.parameter(f"Unsupported RCPT parameter {_echo(key)}")
         if self.recipients_accepted >= self.limits.max_recipients:
             raise LmtpError(errors.TOO_MANY_RECIPIENTS, "too_many_recipients")
         self._pending = RcptTo(recipient, orcpt=orcpt)
@@ -339,7 +354,7 @@ class LmtpServerConnection:
         self._send(Reply(354, "", "Start mail input; end with <CRLF>.<CRLF>"))
         return MessageStart()
 
-    def _cmd_bdat(self, arg: str) -> Event | Sentinel:
+    def _cmd_bdat(self, arg: str) -> Event | Sentinel | _Again:
         size, last = _parse_bdat(arg)
         first = self.state is State.RCPT
         self.state = State.BDAT
@@ -352,7 +367,7 @@ class LmtpServerConnection:
         self._bdat_left = size
         self._bdat_last = last
 
-    def _bdat_refused(self, arg: str) -> Event | Sentinel:
+    def _bdat_refused(self, arg: str) -> Event | Sentinel | _Again:
         """BDAT where it is not legal: consume its octets first, then answer (RFC 3030)."""
         try:
             size, last = _parse_bdat(arg)
@@ -391,8 +406,11 @@ class LmtpServerConnection:
         aborted = self.state in IN_TRANSACTION
         self._reset_transaction()
         self.close(Reply(221, "2.0.0", f"{self.hostname} closing connection"))
+        self._quit = True
+        if aborted:
+            return MessageAborted()  # the next event is Quit
         self._closed_reported = True
-        return MessageAborted() if aborted else Quit()
+        return Quit()
 
     def _cmd_vrfy(self, arg: str) -> Event:
         if not arg:
@@ -405,8 +423,10 @@ class LmtpServerConnection:
             Reply(
                 214,
                 "2.0.0",
-                ("Commands: LHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP XFORWARD",
-                 "See RFC 2033"),
+                (
+                    "Commands: LHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP XFORWARD",
+                    "See RFC 2033",
+                ),
             )
         )
         return _NOOP_EVENT
@@ -414,16 +434,24 @@ class LmtpServerConnection:
     def _cmd_xforward(self, arg: str) -> Event:
         if not arg:
             raise errors.syntax("Syntax: XFORWARD attribute=value ...")
-        attributes: dict[str, str] = {}
-        for item in arg.split():
+        attributes: dict[str, str | None] = {}
+        for item in arg.split(" "):
+            if not item:
+                continue
             name, eq, value = item.partition("=")
-            name = name.upper()
+            name = name.upper() if name.isascii() else name
             if not eq or name not in XFORWARD_ATTRIBUTES:
-                raise errors.syntax(f"Bad XFORWARD attribute {name or item}")
+                raise errors.syntax(f"Bad XFORWARD attribute {_echo(name or item)}")
             decoded = _xtext_decode(value)
-            if decoded != "[UNAVAILABLE]":
-                attributes[name.lower()] = decoded
-        self.xforward.update(attributes)
+            if not _is_clean(decoded, allow_space=True):
+                # values go into trace headers and the payload: no CR/LF smuggled in as +0D+0A
+                raise errors.syntax(f"Bad XFORWARD value for {name}")
+            attributes[name.lower()] = None if decoded.upper() in _XFORWARD_UNKNOWN else decoded
+        for key, decoded_value in attributes.items():
+            if decoded_value is None:
+                self.xforward.pop(key, None)
+            else:
+                self.xforward[key] = decoded_value
         self._send(Reply(250, "2.0.0", "OK"))
         return Xforward(dict(self.xforward))
 
@@ -437,7 +465,8 @@ class LmtpServerConnection:
         limit = self.limits.max_message_size
         if limit and self._size > limit:
             self._too_big = True
-            return b""
+            # hand out exactly the first `limit` bytes, however the input was split
+            return data[: len(data) - (self._size - limit)]
         return data
 
     def _read_data(self) -> Event | Sentinel:
@@ -489,7 +518,7 @@ class LmtpServerConnection:
             return self._on_eof()
         return NEED_DATA
 
-    def _read_chunk(self) -> Event | Sentinel:
+    def _read_chunk(self) -> Event | Sentinel | _Again:
         """The octets of a BDAT chunk, exactly as sent (or discarded, for a refused one)."""
         buf = self._buf
         while self._bdat_left:
@@ -509,7 +538,7 @@ class LmtpServerConnection:
             return self._answer_refused_chunk()
         return self._chunk_done()
 
-    def _chunk_done(self) -> Event | Sentinel:
+    def _chunk_done(self) -> Event | _Again:
         if self._bdat_last:
             self._bdat_last = False
             return self._finish_message()
@@ -520,7 +549,7 @@ class LmtpServerConnection:
             self._send(errors.MESSAGE_TOO_BIG)
             return MessageAborted()
         self._send(Reply(250, "2.0.0", f"{self._size} octets received"))
-        return self._read_command()
+        return _AGAIN
 
     def _answer_refused_chunk(self) -> Event:
         reply, self._chunk_refusal = self._chunk_refusal, None
@@ -541,6 +570,8 @@ class LmtpServerConnection:
         return MessageEnd(error)
 
     def _reset_transaction(self) -> None:
+        # XFORWARD attributes describe one transaction (Postfix resets them at DOT and RSET)
+        self.xforward = {}
         self._sender = None
         self.recipients_accepted = 0
         self._size = 0
@@ -559,6 +590,13 @@ class _Nothing(Event):
 
 _NOOP_EVENT = _Nothing()
 
+
+class _Again:
+    """Internal: this step produced no event; ``next_event`` takes another step."""
+
+
+_AGAIN = _Again()
+
 _HANDLERS = {
     "LHLO": LmtpServerConnection._cmd_lhlo,
     "MAIL": LmtpServerConnection._cmd_mail,
@@ -572,8 +610,9 @@ _HANDLERS = {
     "HELP": LmtpServerConnection._cmd_help,
     "XFORWARD": LmtpServerConnection._cmd_xforward,
 }
-_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "ATRN", "STARTTLS", "AUTH", "XCLIENT", "SEND",
-                              "SOML", "SAML"})
+_NOT_IMPLEMENTED = frozenset(
+    {"EXPN", "TURN", "ETRN", "ATRN", "STARTTLS", "AUTH", "XCLIENT", "SEND", "SOML", "SAML"}
+)
 
 
 def _sequence_reply(verb: str, state: State) -> Reply:
@@ -586,8 +625,11 @@ def _sequence_reply(verb: str, state: State) -> Reply:
     if verb in ("DATA", "BDAT") and state is State.MAIL:
         return Reply(503, "5.5.1", "No valid recipients")
     if verb in ("DATA", "BDAT"):
-        return Reply(503, "5.5.1", "Need MAIL and RCPT first" if state is State.READY
-                     else "Bad sequence of commands")
+        return Reply(
+            503,
+            "5.5.1",
+            "Need MAIL and RCPT first" if state is State.READY else "Bad sequence of commands",
+        )
     return Reply(503, "5.5.1", "Bad sequence of commands")
 
 
@@ -608,11 +650,11 @@ def _split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     params: dict[str, str | None] = {}
     for item in tail.split():
         match = _PARAM.fullmatch(item)
-        if match is None:
-            raise errors.syntax(f"Bad parameter {item}")
+        if match is None or not _is_clean(item):
+            raise errors.syntax(f"Bad parameter {_echo(item)}")
         key = match.group(1).upper()
         if key in params:
-            raise errors.syntax(f"Duplicate parameter {key}")
+            raise errors.syntax(f"Duplicate parameter {_echo(key)}")
         params[key] = match.group(2)
     return path, params
 
@@ -673,6 +715,18 @@ def _xtext_decode(value: str) -> str:
             out.append(value[i])
             i += 1
     return "".join(out)
+
+
+def _is_clean(text: str, *, allow_space: bool = False) -> bool:
+    """No control characters, no undecodable bytes (surrogates); spaces only if allowed."""
+    low = " " if allow_space else "!"
+    return all(low <= c != "\x7f" and not "\udc80" <= c <= "\udcff" for c in text)
+
+
+def _echo(text: str) -> str:
+    """Client text made safe to quote in a reply: printable ASCII, cut short."""
+    clean = "".join(c if " " <= c <= "~" else "?" for c in text[: _ECHO_LIMIT + 1])
+    return clean if len(clean) <= _ECHO_LIMIT else clean[: _ECHO_LIMIT - 3] + "..."
 
 
 def _is_hex(text: str) -> bool:
