@@ -411,3 +411,32 @@ async def test_unix_socket_file_is_removed_when_the_bridge_ends(
         assert not await trio.Path(path).exists()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+async def test_a_bug_in_one_session_answers_451_then_421_and_the_server_goes_on(
+    start_bridge: StartBridge, webhook_server: WebhookServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge.delivery import Deliverer
+
+    running = await start_bridge()
+    errors, internal = "lmtp_bridge_protocol_errors_total", {"kind": "internal"}
+    before = metric_value(await metrics_text(running), errors, internal)
+    real_deliver = Deliverer.deliver
+
+    async def broken_once(self: Deliverer, txn: object, emit: object) -> None:
+        monkeypatch.setattr(Deliverer, "deliver", real_deliver)
+        raise RuntimeError("a bug in the bridge")
+
+    monkeypatch.setattr(Deliverer, "deliver", broken_once)
+    client = await open_session(running)
+    await send_envelope(client, ["a@example.org", "b@example.org"])
+    await client.send(data_section(message()))
+    with trio.fail_after(10):
+        replies = await client.rest_until_eof()
+    # every recipient is answered (a 4xx, so the MTA keeps the mail), then the session closes
+    assert codes(replies) == ["451 4.3.0", "451 4.3.0", "421 4.3.0"]
+    assert webhook_server.requests == []
+    assert metric_value(await metrics_text(running), errors, internal) == before + 1
+
+    other = await open_session(running)  # the server itself is unharmed
+    assert codes(await transaction(other, ["c@example.org"], message())) == ["250 2.0.0"]

@@ -789,3 +789,16 @@ def test_X16_orcpt_must_be_valid_utf8_without_control_characters() -> None:
     )
     assert codes_after_lhlo(out) == [250, 501, 501, 250]
     assert events_of(out, RcptTo) == [RcptTo("a@x", orcpt="utf-8;jörg@x")]
+
+
+def test_S05_reply_text_cannot_forge_lines_and_stays_within_512_octets() -> None:
+    from bridge.lmtp.events import Reply
+
+    forged = Reply(451, "4.3.0", "busy\r\n250 2.0.0 fake\nmore\x00" + "é" * 600)
+    wire = forged.to_bytes()
+    assert wire.count(b"\r\n") == 1 and wire.endswith(b"\r\n")
+    assert b"\n" not in wire[:-2] and b"\r" not in wire[:-2] and b"\x00" not in wire
+    assert len(wire) <= 512
+    wire.decode("utf-8")  # never cut inside a character
+    multi = Reply(250, "", ("host", "x" * 2000)).to_bytes().split(b"\r\n")
+    assert len(multi) == 3 and all(len(line) <= 510 for line in multi)

@@ -6,8 +6,12 @@ Every event is a small frozen dataclass; the server answers MAIL and RCPT with
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Final
+
+MAX_LINE = 512  # octets of one reply line, CRLF included
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,14 +26,21 @@ class Reply:
         return (self.text,) if isinstance(self.text, str) else self.text
 
     def to_bytes(self) -> bytes:
+        """The reply on the wire: CR, LF and other controls in the text become spaces, and
+        every line is cut to 512 octets (RFC 5321 4.5.3.1.5), so text from a peer can never
+        forge a reply line."""
         lines = self.lines() or ("",)
         out = []
         last = len(lines) - 1
         for i, line in enumerate(lines):
             sep = " " if i == last else "-"
             head = f"{self.code}{sep}{self.status} " if self.status else f"{self.code}{sep}"
-            out.append(f"{head}{line}".rstrip(" ") + "\r\n")
-        return "".join(out).encode("utf-8", "replace")
+            text = _CONTROL.sub(" ", f"{head}{line}").rstrip(" ")
+            encoded = text.encode("utf-8", "replace")
+            if len(encoded) > MAX_LINE - 2:
+                encoded = encoded[: MAX_LINE - 2].decode("utf-8", "ignore").encode("utf-8")
+            out.append(encoded + b"\r\n")
+        return b"".join(out)
 
     @property
     def is_success(self) -> bool:
