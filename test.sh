@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
-# The whole test suite, on a fresh Debian machine: Debian packages for the real LMTP peers
-# (swaks, Postfix's smtp-source), a venv with the test extra, then ruff, mypy and pytest.
-# Extra arguments go to pytest, e.g. `./test.sh -k swaks -x`.
+# The whole test suite, on a fresh Debian machine: the Debian packages of
+# scripts/debian-packages.txt (real LMTP peers such as swaks and Postfix), a venv with the test
+# extra, then ruff, mypy, pytest and every scripts/check-*.sh (e.g. the container image).
+# Extra arguments go to pytest only, e.g. `./test.sh -k swaks -x` (then no check-*.sh runs).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 need=()
-command -v swaks >/dev/null || need+=(swaks)
-[ -x /usr/sbin/smtp-source ] || need+=(postfix)
+while read -r package proof; do
+    case "$package" in ''|'#'*) continue ;; esac
+    if [[ $proof == /* ]]; then [ -e "$proof" ] || need+=("$package")
+    else command -v "$proof" >/dev/null || need+=("$package"); fi
+done < scripts/debian-packages.txt
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     echo "test.sh: installing Debian packages: ${need[*]}"
     $sudo apt-get update -qq
-    # Postfix only for its smtp-source and smtp-sink tools: no configuration, no daemon.
+    # Postfix only for its tools and private test instances: no system configuration, no daemon.
     echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${need[@]}" >/dev/null
@@ -27,3 +31,10 @@ echo "== mypy"
 .venv/bin/mypy bridge
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
+if [ $# -eq 0 ]; then
+    for check in scripts/check-*.sh; do
+        [ -e "$check" ] || continue
+        echo "== $check"
+        bash "$check"
+    done
+fi
