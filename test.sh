@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh Debian machine: the Debian packages of
 # scripts/debian-packages.txt (real LMTP peers such as swaks and Postfix), a venv with the test
-# extra, then ruff, mypy, pytest and every scripts/check-*.sh (e.g. the container image).
+# extra, then ruff, mypy, every scripts/check-*.sh (e.g. the container image) and pytest.
 # Extra arguments go to pytest only, e.g. `./test.sh -k swaks -x` (then no check-*.sh runs).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -29,8 +29,6 @@ echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy"
 .venv/bin/mypy bridge
-echo "== pytest"
-.venv/bin/python -m pytest "$@"
 if [ $# -eq 0 ]; then
     for check in scripts/check-*.sh; do
         [ -e "$check" ] || continue
@@ -38,3 +36,5 @@ if [ $# -eq 0 ]; then
         bash "$check"
     done
 fi
+echo "== pytest"   # last, so that its summary line closes the run
+.venv/bin/python -m pytest "$@"
