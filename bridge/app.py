@@ -9,19 +9,25 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import ssl
 from dataclasses import dataclass, field
 
+import httpx
 import trio
 
 from bridge import __version__, metrics
 from bridge.config import ListenAddress, Settings, parse_listen
 from bridge.delivery import Deliverer
+from bridge.h11transport import H11Transport
 from bridge.httpserver import Readiness, observability_handler, serve_http
 from bridge.lmtp.connection import Limits
 from bridge.logs import log_event
+from bridge.policy import Breakers, init_policy_metrics
 from bridge.routing import build_router
 from bridge.server import LmtpServer, ServerOptions, open_tcp_listeners, open_unix_listener
-from bridge.webhook import open_webhook_client
+from bridge.tls import server_context
+from bridge.webhook import _tls_setting, open_webhook_client
 
 log = logging.getLogger("bridge")
 
@@ -54,7 +60,27 @@ def server_options(settings: Settings) -> ServerOptions:
         shutdown_grace=settings.shutdown_grace,
         spool_threshold=settings.spool_threshold,
         spool_dir=settings.spool_dir,
+        reply_buffer=settings.reply_buffer_size,
+        tls=server_context(settings.tls_cert_file, settings.tls_key_file)
+        if settings.tls_cert_file
+        else None,
     )
+
+
+def webhook_transport(settings: Settings) -> httpx.AsyncBaseTransport | None:
+    """The lean h11 transport unless httpx's own is asked for (or needed: proxies)."""
+    if settings.http_transport != "h11" or getattr(settings, "http_trust_env", False):
+        return None
+    verify = _tls_setting(settings.http_verify)
+    cert = getattr(settings, "http_client_cert", None)
+    if cert:
+        context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
+        if verify is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        context.load_cert_chain(cert, getattr(settings, "http_client_key", None))
+        verify = context
+    return H11Transport(verify=verify, max_connections=settings.http_max_connections)
 
 
 async def open_listeners(settings: Settings) -> tuple[list[trio.SocketListener], list[str]]:
@@ -74,6 +100,12 @@ async def open_listeners(settings: Settings) -> tuple[list[trio.SocketListener],
     return listeners, names
 
 
+def _listener_name(listener: trio.SocketListener) -> str:
+    if listener.socket.family == socket.AF_UNIX:
+        return f"unix:{listener.socket.getsockname()}"
+    return _tcp_name(listener)
+
+
 def _tcp_name(listener: trio.SocketListener) -> str:
     host, port = listener.socket.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -83,18 +115,38 @@ async def run(
     settings: Settings,
     *,
     handle_signals: bool = True,
+    listeners: list[trio.SocketListener] | None = None,
+    worker: int | None = None,
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve LMTP until told to stop, then drain within ``shutdown_grace`` and return."""
     router = build_router(settings)
     metrics.init_metrics(route.name for route in router.routes)
+    init_policy_metrics(route.name for route in router.routes)
     readiness = Readiness()
     async with open_webhook_client(
-        max_connections=settings.http_max_connections, verify=settings.http_verify
+        max_connections=settings.http_max_connections,
+        verify=settings.http_verify,
+        transport=webhook_transport(settings),
+        client_cert=settings.http_client_cert,
+        client_key=settings.http_client_key,
+        trust_env=settings.http_trust_env,
+        follow_redirects=settings.http_follow_redirects,
+        max_redirects=settings.http_max_redirects,
     ) as client:
-        deliverer = Deliverer(client, settings.hostname, log_addresses=settings.log_addresses)
+        deliverer = Deliverer(
+            client,
+            settings.hostname,
+            log_addresses=settings.log_addresses,
+            breakers=Breakers(settings.breaker_threshold, settings.breaker_cooldown),
+            recipient_delimiter=settings.recipient_delimiter,
+            trusted_authserv_ids=settings.trusted_authserv_ids,
+        )
         server = LmtpServer(server_options(settings), router, deliverer)
-        listeners, names = await open_listeners(settings)
+        if listeners is None:
+            listeners, names = await open_listeners(settings)
+        else:  # opened by the parent of --workers
+            names = [_listener_name(listener) for listener in listeners]
         running = Running(server, readiness, names)
         try:
             async with trio.open_nursery() as nursery:
@@ -113,6 +165,7 @@ async def run(
                     "lmtp-bridge ready",
                     version=__version__,
                     listen=names,
+                    worker=worker,
                     metrics_port=running.metrics_port,
                 )
                 task_status.started(running)
@@ -135,6 +188,8 @@ async def _serve_then_stop(
 
 async def _stop_on_signal(running: Running) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # a --workers worker blocks them until now, so an early SIGTERM waits for this receiver
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         async for signum in signals:
             log_event(
                 log,

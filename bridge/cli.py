@@ -34,6 +34,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-listen", metavar="HOST:PORT", help='"" disables')
     parser.add_argument("--log-level", metavar="LEVEL")
     parser.add_argument("--log-format", choices=("json", "text"))
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="worker processes (SO_REUSEPORT; serve only)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +100,7 @@ def _load(
         "metrics_listen": getattr(args, "metrics_listen", None),
         "log_level": getattr(args, "log_level", None),
         "log_format": getattr(args, "log_format", None),
+        "workers": getattr(args, "workers", None),
         **(extra or {}),
     }
     try:
@@ -110,10 +114,19 @@ def _load(
 
 
 def _serve(settings: Settings) -> int:
-    from bridge.app import run
     from bridge.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    if settings.workers > 1:
+        from bridge import workers  # before bridge.app: metrics must be made multiprocess
+
+        try:
+            return workers.serve(settings)
+        except OSError as exc:
+            logging.getLogger("bridge").critical("cannot start: %s", exc)
+            return 1
+    from bridge.app import run
+
     try:
         trio.run(run, settings)
     except OSError as exc:

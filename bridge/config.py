@@ -24,11 +24,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bridge.routing import compile_match
+from bridge.routing import check_url_template, compile_match
 from bridge.signing import parse_secret
 
 ENV_PREFIX = "LMTP_BRIDGE_"
@@ -36,6 +38,9 @@ CONFIG_ENV = ENV_PREFIX + "CONFIG"
 REDACTED = "**********"
 # RFC 2033: LMTP must not be offered on the SMTP port.
 SMTP_PORT = 25
+# Postfix waits lmtp_data_done_timeout (600 s) for each reply after the data; a recipient's
+# tries must end well inside it, whatever the settings say.
+MAX_RETRY_BUDGET = 300.0
 
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -152,6 +157,7 @@ def _check_url(url: str) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
+    check_url_template(url.strip())
     return url.strip()
 
 
@@ -236,6 +242,18 @@ def _check_metrics_listen(value: str) -> str:
     return value.strip()
 
 
+def _check_file(value: str | None) -> str | None:
+    if value is not None and not os.path.isfile(value):
+        raise ValueError(f"{value!r} is not a readable file")
+    return value
+
+
+def _check_delimiter(value: str) -> str:
+    if any(c in value for c in '@"<> \t\r\n'):
+        raise ValueError("expected characters such as '+' or '+-', not '@', quotes or spaces")
+    return value
+
+
 def _check_dir(value: str | None) -> str | None:
     if value is not None and not os.path.isdir(value):
         raise ValueError(f"{value!r} is not a directory")
@@ -281,6 +299,10 @@ class RouteConfig(BaseModel):
     include_raw: bool | None = Field(default=None, description="Add the raw message to json.")
     status_map: StatusMap | None = Field(
         default=None, description="Overrides of the HTTP status map, merged over status_map."
+    )
+    # --- payloads, routing and delivery policy ---
+    trace_headers: bool | None = Field(
+        default=None, description="raw payload: prepend Return-Path, Delivered-To, Received."
     )
 
     @field_validator("name")
@@ -389,6 +411,77 @@ class Settings(BaseSettings):
         description="authserv-ids whose Authentication-Results headers are reported.",
     )
     workers: int = Field(default=1, ge=1, description="Worker processes sharing the listeners.")
+    # --- payloads, routing and delivery policy ---
+    trace_headers: bool = Field(
+        default=True,
+        description="raw payload: prepend Return-Path, Delivered-To and Received trace headers.",
+    )
+    recipient_delimiter: Annotated[str, AfterValidator(_check_delimiter)] = Field(
+        default="+",
+        description="Characters that start an address extension (bob+tag); empty: none.",
+    )
+    http_retry_budget: float = Field(
+        default=120.0,
+        gt=0,
+        le=MAX_RETRY_BUDGET,
+        description="Seconds for all tries and backoff of one recipient; at most 300, half of "
+        "Postfix's lmtp_data_done_timeout.",
+    )
+    breaker_threshold: int = Field(
+        default=5,
+        ge=0,
+        description="Consecutive retryable webhook failures that open a route's circuit "
+        "breaker (451 4.3.0 at RCPT); 0 disables it.",
+    )
+    breaker_cooldown: float = Field(
+        default=30.0, gt=0, description="Seconds an open breaker refuses before one probe."
+    )
+    http_client_cert: Annotated[
+        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
+    ] = Field(default=None, description="PEM client certificate for mTLS (may hold the key).")
+    http_client_key: Annotated[
+        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
+    ] = Field(default=None, description="PEM private key of http_client_cert, if separate.")
+    http_trust_env: bool = Field(
+        default=False,
+        description="Use HTTPS_PROXY/HTTP_PROXY/NO_PROXY (and SSL_CERT_FILE) from the environment.",
+    )
+    http_follow_redirects: bool = Field(
+        default=False, description="Follow 307/308 redirects, re-posting the same body."
+    )
+    http_max_redirects: int = Field(
+        default=3, ge=1, le=20, description="Most redirects followed for one request."
+    )
+    # --- performance ---
+    http_transport: Literal["h11", "httpx"] = Field(
+        default="h11",
+        description="Webhook HTTP transport: h11 (lean, pooled HTTP/1.1 on trio) or httpx "
+        "(httpcore's; always used with http_trust_env, for proxies).",
+    )
+
+    # --- protocol depth and hostile input ---
+    tls_cert_file: Annotated[
+        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
+    ] = Field(
+        default=None,
+        description="PEM certificate chain for STARTTLS (may hold the key); unset: no STARTTLS.",
+    )
+    tls_key_file: Annotated[
+        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
+    ] = Field(default=None, description="PEM private key of tls_cert_file, if separate.")
+    reply_buffer_size: int = Field(
+        default=1048576,
+        ge=4096,
+        description="Octets of replies held for a client that pipelines without reading them; "
+        "past it the session reads no more input until the client reads.",
+    )
+
+    @field_validator("tls_key_file")
+    @classmethod
+    def _key_needs_cert(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not info.data.get("tls_cert_file"):
+            raise ValueError("tls_key_file needs tls_cert_file")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -431,6 +524,12 @@ class Settings(BaseSettings):
         if twice:
             raise ValueError(f"route names must be unique: {', '.join(twice)} given twice")
         return routes
+
+    @model_validator(mode="after")
+    def _client_key_needs_cert(self) -> Settings:
+        if self.http_client_key is not None and self.http_client_cert is None:
+            raise ValueError("http_client_key: set http_client_cert too")
+        return self
 
     @property
     def listen_addresses(self) -> list[ListenAddress]:

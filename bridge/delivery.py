@@ -17,6 +17,7 @@ from bridge import metrics
 from bridge.lmtp.events import Reply
 from bridge.logs import log_event
 from bridge.payload import ParsedMessage, build_body
+from bridge.policy import Breakers
 from bridge.routing import Route
 from bridge.signing import Signer, delivery_id
 from bridge.transaction import Envelope, MessageBuffer, Recipient
@@ -41,11 +42,28 @@ ReplySink = Callable[[Sequence[Reply]], Awaitable[None]]
 class Deliverer:
     """Turns transactions into webhook calls through one shared, pooled client."""
 
-    def __init__(self, client: WebhookClient, hostname: str, *, log_addresses: bool = False):
+    def __init__(
+        self,
+        client: WebhookClient,
+        hostname: str,
+        *,
+        log_addresses: bool = False,
+        breakers: Breakers | None = None,
+        recipient_delimiter: str = "+",
+        trusted_authserv_ids: Sequence[str] = (),
+    ):
         self._client = client
         self._hostname = hostname
         self._log_addresses = log_addresses
         self._signers: dict[tuple[str, ...], Signer] = {}
+        self.breakers = breakers or Breakers(threshold=0, cooldown=1.0)
+        self._delimiter = recipient_delimiter
+        self._trusted = tuple(trusted_authserv_ids)
+
+    def admit(self, route: Route) -> Reply | None:
+        """At RCPT: None to accept a recipient of ``route``, or the reply that defers it
+        (the route's circuit breaker is open)."""
+        return self.breakers.admit(route.name)
 
     async def deliver(self, txn: Transaction, emit: ReplySink) -> None:
         """POST every recipient's copy concurrently; ``emit`` gets replies in RCPT order.
@@ -93,8 +111,8 @@ class Deliverer:
             return None
         data = txn.message.getvalue()
         if len(data) > PARSE_IN_THREAD_ABOVE:
-            return await trio.to_thread.run_sync(ParsedMessage.parse, data)
-        return ParsedMessage.parse(data)
+            return await trio.to_thread.run_sync(ParsedMessage.parse, data, self._trusted)
+        return ParsedMessage.parse(data, self._trusted)
 
     async def _deliver_one(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None
@@ -107,6 +125,11 @@ class Deliverer:
             request = self._request(txn, recipient, parsed, did)
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply
+            if outcome.error != "internal":  # our own bugs say nothing about the webhook
+                failed = outcome.reply.is_transient
+                self.breakers.get(route.name).record(
+                    success=not failed, failures=outcome.attempts if failed else 0
+                )
         except Exception:
             log.exception(
                 "delivery failed inside the bridge", extra={"fields": {"delivery_id": did}}
@@ -141,6 +164,8 @@ class Deliverer:
             did,
             self._hostname,
             include_raw=route.include_raw,
+            trace_headers=route.trace_headers,
+            delimiter=self._delimiter,
         )
         headers = [
             ("Content-Type", body.content_type),
@@ -155,7 +180,10 @@ class Deliverer:
             headers += signer.headers(did, body.chunks())
         headers += route.headers.items()
         return WebhookRequest(
-            url=route.url, headers=headers, chunks=body.chunks, length=body.length
+            url=route.url_for(recipient.address, self._delimiter),
+            headers=headers,
+            chunks=body.chunks,
+            length=body.length,
         )
 
     def _signer(self, route: Route) -> Signer | None:

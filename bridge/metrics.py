@@ -25,7 +25,10 @@ PROTOCOL_ERROR_KINDS = (
 )
 
 CONNECTIONS = Counter("lmtp_bridge_connections", "LMTP connections accepted")
-CONNECTIONS_ACTIVE = Gauge("lmtp_bridge_connections_active", "LMTP connections open now")
+# multiprocess_mode: how --workers sums a gauge over live processes (ignored with one process)
+CONNECTIONS_ACTIVE = Gauge(
+    "lmtp_bridge_connections_active", "LMTP connections open now", multiprocess_mode="livesum"
+)
 MESSAGES = Counter("lmtp_bridge_messages", "Messages received to the end of data")
 MESSAGE_SIZE = Histogram(
     "lmtp_bridge_message_size_bytes",
@@ -51,7 +54,10 @@ WEBHOOK_DURATION = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 WEBHOOK_IN_FLIGHT = Gauge(
-    "lmtp_bridge_webhook_requests_in_flight", "Webhook requests waiting for an answer", ["route"]
+    "lmtp_bridge_webhook_requests_in_flight",
+    "Webhook requests waiting for an answer",
+    ["route"],
+    multiprocess_mode="livesum",
 )
 WEBHOOK_RETRIES = Counter(
     "lmtp_bridge_webhook_retries", "Webhook requests retried inside the session", ["route"]
@@ -59,8 +65,14 @@ WEBHOOK_RETRIES = Counter(
 PROTOCOL_ERRORS = Counter(
     "lmtp_bridge_protocol_errors", "Commands or sessions refused by the protocol", ["kind"]
 )
-READY = Gauge("lmtp_bridge_ready", "1 while the bridge accepts connections, 0 while draining")
-BUILD_INFO = Gauge("lmtp_bridge_build_info", "Build information", ["version"])
+READY = Gauge(
+    "lmtp_bridge_ready",
+    "1 while the bridge accepts connections, 0 while draining",
+    multiprocess_mode="livemin",
+)
+BUILD_INFO = Gauge(
+    "lmtp_bridge_build_info", "Build information", ["version"], multiprocess_mode="max"
+)
 
 COMMON_REPLY_CODES = (
     "221",

@@ -36,6 +36,8 @@ from email.parser import BytesParser
 from email.policy import EmailPolicy
 from typing import Any
 
+from bridge.authresults import auth_verdicts
+from bridge.routing import split_address, split_extension
 from bridge.transaction import Envelope, MessageBuffer, Recipient
 
 PAYLOAD_KINDS = ("json", "raw", "multipart")
@@ -46,6 +48,32 @@ MAX_MIME_DEPTH = 50
 # Everything printable stays readable except "%" itself, so the encoding can be undone.
 _HEADER_SAFE = "".join(c for c in string.punctuation if c != "%")
 _MSGID = re.compile(r"<[^<>]*>")
+# Declared charsets decoded as mail clients and browsers do (WHATWG Encoding): supersets that
+# only differ where the narrow one has control codes or nothing.
+_CHARSET_ALIASES = {
+    "iso-8859-1": "cp1252",
+    "latin1": "cp1252",
+    "latin-1": "cp1252",
+    "l1": "cp1252",
+    "iso8859-1": "cp1252",
+    "iso_8859-1": "cp1252",
+    "gb2312": "gb18030",
+    "gbk": "gb18030",
+    "x-gbk": "gb18030",
+    "shift_jis": "cp932",
+    "shift-jis": "cp932",
+    "sjis": "cp932",
+    "x-sjis": "cp932",
+    "ks_c_5601-1987": "cp949",
+    "euc-kr": "cp949",
+    "iso-8859-8-i": "iso-8859-8",
+    "tis-620": "cp874",
+    "iso-8859-11": "cp874",
+    "x-mac-roman": "mac-roman",
+    "macintosh": "mac-roman",
+    "utf8": "utf-8",
+}
+_UNDECLARED = frozenset({"us-ascii", "ascii", "unknown-8bit", "x-unknown", "unknown", "default"})
 
 
 class _MailPolicy(EmailPolicy):
@@ -101,6 +129,8 @@ class Attachment:
     disposition: str | None
     content_id: str | None
     content: bytes  # decoded (base64 / quoted-printable undone)
+    charset: str | None = None  # the declared charset parameter, lower case
+    text: str | None = None  # an inline text part after the first: decoded, as a client shows it
 
     def describe(self, with_content: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -109,6 +139,8 @@ class Attachment:
             "size": len(self.content),
             "disposition": self.disposition,
             "content_id": self.content_id,
+            "charset": self.charset,
+            "text": self.text,
         }
         if with_content:
             out["content"] = base64.b64encode(self.content).decode("ascii")
@@ -130,10 +162,14 @@ class ParsedMessage:
         self._raw_json: bytes | None = None
 
     @classmethod
-    def parse(cls, data: bytes) -> ParsedMessage:
-        """Parse the message bytes; broken MIME gives what could be decoded plus defects."""
+    def parse(cls, data: bytes, trusted_authserv_ids: Iterable[str] = ()) -> ParsedMessage:
+        """Parse the message bytes; broken MIME gives what could be decoded plus defects.
+
+        ``message.auth`` holds the verdicts of ``Authentication-Results`` headers whose
+        authserv-id is in ``trusted_authserv_ids``; null when there is none.
+        """
         try:
-            return cls._parse(data)
+            return cls._parse(data, tuple(trusted_authserv_ids))
         except Exception as exc:  # a parser bug must not cost the message: fall back to text
             fields = _empty_fields()
             fields["text"] = _decode_8bit(data)
@@ -144,7 +180,7 @@ class ParsedMessage:
         return cls.parse(message.getvalue())
 
     @classmethod
-    def _parse(cls, data: bytes) -> ParsedMessage:
+    def _parse(cls, data: bytes, trusted_authserv_ids: tuple[str, ...]) -> ParsedMessage:
         msg = BytesParser(policy=_POLICY).parsebytes(data)
         defects = _Defects()
         defects.add_all("message", msg.defects)
@@ -167,6 +203,10 @@ class ParsedMessage:
         fields["in_reply_to"] = _first_text(named("in-reply-to"))
         fields["references"] = _msgids(named("references"))
         fields["headers"] = [[n, str(h)] for n, h in headers]
+        fields["auth"] = auth_verdicts(
+            [str(h) for n, h in headers if n.lower() == "authentication-results"],
+            trusted_authserv_ids,
+        )
 
         attachments: list[Attachment] = []
         for where, part in _leaves(msg, defects):
@@ -209,6 +249,7 @@ def build_body(
     include_raw: bool = False,
     *,
     trace_headers: bool = True,
+    delimiter: str = "+",
 ) -> WebhookBody:
     """The request body for one recipient's copy; ``parsed`` is shared by all recipients."""
     if kind == "raw":
@@ -217,7 +258,7 @@ def build_body(
         raise ValueError(f"unknown payload kind {kind!r}; expected one of {PAYLOAD_KINDS}")
     if parsed is None:
         parsed = ParsedMessage.from_buffer(message)
-    env = envelope_object(envelope, recipient, message)
+    env = envelope_object(envelope, recipient, message, delimiter)
     if kind == "json":
         pieces = [
             b'{"version":%d,"delivery_id":' % JSON_VERSION,
@@ -237,12 +278,22 @@ def build_body(
 
 
 def envelope_object(
-    envelope: Envelope, recipient: Recipient, message: MessageBuffer
+    envelope: Envelope, recipient: Recipient, message: MessageBuffer, delimiter: str = "+"
 ) -> dict[str, Any]:
-    """The ``envelope`` JSON object: naming only this recipient, never the others (Bcc)."""
+    """The ``envelope`` JSON object: naming only this recipient, never the others (Bcc).
+
+    Plus-addressing: ``rcpt_user`` and ``rcpt_tag`` split ``rcpt_local`` at the first
+    ``recipient_delimiter`` character (``bob+news`` -> ``bob``, ``news``; no tag: null).
+    """
+    local, domain = split_address(recipient.address)
+    user, tag = split_extension(local, delimiter)
     return {
         "mail_from": envelope.mail_from,
         "rcpt_to": recipient.address,
+        "rcpt_local": local,
+        "rcpt_domain": domain,
+        "rcpt_user": user,
+        "rcpt_tag": tag,
         "lhlo": envelope.lhlo,
         "client_address": envelope.client_address,
         "body": envelope.body,
@@ -364,8 +415,11 @@ def _empty_fields() -> dict[str, Any]:
         "in_reply_to": None,
         "references": [],
         "headers": [],
+        "auth": None,
         "text": None,
         "html": None,
+        "text_charset": None,
+        "html_charset": None,
     }
 
 
@@ -454,11 +508,16 @@ def _take_part(
     is_text = ctype in ("text/plain", "text/html") or maintype == "multipart"
     is_body = disposition != "attachment" and (filename is None or disposition == "inline")
     key = "html" if subtype == "html" else "text"
+    charset = _declared_charset(part)
     if is_text and is_body and fields[key] is None:
         # MIME text travels with CRLF line ends; receivers expect newlines
         fields[key] = _decode_text(where, part, content, defects).replace("\r\n", "\n")
+        fields[key + "_charset"] = charset
         return
     content_id = part.get("Content-ID")
+    text = None
+    if maintype == "text" and is_body:
+        text = _decode_text(where, part, content, defects).replace("\r\n", "\n")
     attachments.append(
         Attachment(
             filename=filename,
@@ -466,6 +525,8 @@ def _take_part(
             disposition=disposition,
             content_id=str(content_id).strip() if content_id is not None else None,
             content=content,
+            charset=charset,
+            text=text,
         )
     )
 
@@ -473,12 +534,13 @@ def _take_part(
 def _part_bytes(where: str, part: Message, defects: _Defects) -> bytes:
     try:
         if part.is_multipart():
-            # message/rfc822 and friends are parsed into sub-messages: write the body back out.
-            try:
-                whole = part.as_bytes(policy=_GENERATOR_POLICY)
-            except Exception:  # the bytes generator trips over some broken 8-bit parts
-                whole = _utf8(part.as_string(policy=_GENERATOR_POLICY))
-            return whole.partition(b"\r\n\r\n")[2]
+            # message/rfc822 and friends are parsed into sub-messages: write them back out.
+            inner = part.get_payload()
+            if isinstance(inner, list):
+                messages = [m for m in inner if isinstance(m, Message)]
+                if len(messages) == len(inner):
+                    return b"".join(_as_bytes(m) for m in messages)
+            return _as_bytes(part).partition(b"\r\n\r\n")[2]
         payload = part.get_payload(decode=True)
         return payload if isinstance(payload, bytes) else b""
     except Exception as exc:
@@ -486,24 +548,72 @@ def _part_bytes(where: str, part: Message, defects: _Defects) -> bytes:
         return b""
 
 
+def _as_bytes(msg: Message) -> bytes:
+    try:
+        return msg.as_bytes(policy=_GENERATOR_POLICY)
+    except Exception:  # the bytes generator trips over some broken 8-bit parts
+        return _utf8(msg.as_string(policy=_GENERATOR_POLICY))
+
+
+def _declared_charset(part: Message) -> str | None:
+    if part.get_content_maintype() not in ("text", "multipart"):
+        return None
+    try:
+        charset = part.get_param("charset")
+    except Exception:
+        return None
+    if isinstance(charset, tuple):  # RFC 2231 form: (charset, language, value)
+        charset = charset[2]
+    text = str(charset).strip().strip('"').lower() if charset else ""
+    return text or None
+
+
 def _decode_text(where: str, part: Message, content: bytes, defects: _Defects) -> str:
-    charset = part.get_content_charset()
-    if charset in (None, "us-ascii", "ascii", "unknown-8bit", "x-unknown"):
+    """A text part as Unicode: its declared charset (read as mail clients do), else a guess."""
+    charset = _declared_charset(part)
+    if charset is None or charset in _UNDECLARED:
         return _decode_8bit(content)
     try:
-        codec = codecs.lookup(charset)
+        codec = codecs.lookup(_CHARSET_ALIASES.get(charset, charset))
     except LookupError:
-        defects.add(where, f"unknown charset {charset!r}; decoded as UTF-8 or Latin-1")
+        defects.add(where, f"unknown charset {charset!r}; decoded as UTF-8 or Windows-1252")
         return _decode_8bit(content)
-    return content.decode(codec.name, "replace")
+    try:
+        return content.decode(codec.name)
+    except UnicodeDecodeError:
+        if codec.name == "utf-8":
+            # Mislabelled mail is common; an 8-bit legacy text is a better guess than U+FFFD.
+            defects.add(where, "text is not valid utf-8 as declared; decoded as Windows-1252")
+            return _decode_cp1252(content)
+        defects.add(where, f"text is not valid {charset}; undecodable bytes replaced")
+        return content.decode(codec.name, "replace")
 
 
 def _decode_8bit(data: bytes) -> str:
-    """Undeclared 8-bit text: UTF-8 when it is valid UTF-8, otherwise Latin-1 (never fails)."""
+    """Undeclared 8-bit text: UTF-8 when it is valid UTF-8, ISO-2022-JP when it has its escapes,
+    else Windows-1252 (Latin-1 for its five unassigned bytes), so it never fails."""
+    if b"\x1b$" in data:
+        try:
+            return data.decode("iso-2022-jp")
+        except UnicodeDecodeError:
+            pass
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("latin-1")
+        return _decode_cp1252(data)
+
+
+def _decode_cp1252(data: bytes) -> str:
+    return data.decode("cp1252", "bridge-latin1-fallback")
+
+
+def _latin1_fallback(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    return exc.object[exc.start : exc.end].decode("latin-1"), exc.end
+
+
+codecs.register_error("bridge-latin1-fallback", _latin1_fallback)
 
 
 # --- small helpers ---------------------------------------------------------------------

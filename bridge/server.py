@@ -6,11 +6,13 @@ session answers 421 there and never reaches the rest of the server.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
 import os
 import socket
+import ssl
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from bridge.lmtp.events import (
     Quit,
     RcptTo,
     Reply,
+    StartTls,
 )
 from bridge.logs import log_event
 from bridge.routing import Router
@@ -41,6 +44,7 @@ from bridge.transaction import Envelope, MessageBuffer, Recipient
 log = logging.getLogger("bridge.server")
 
 RECEIVE_SIZE = 64 * 1024
+EVICT_AFTER = 1.0  # seconds a session must have been idle before a new one may evict it
 CLOSE_GRACE = 2.0  # seconds a last reply may take to leave before the socket is dropped
 
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
@@ -48,6 +52,7 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many connections, try again late
 SHUTTING_DOWN = Reply(421, "4.3.2", "Shutting down, try again later")
 CUT_BY_SHUTDOWN = Reply(451, "4.3.2", "Shutting down before the webhook answered, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again later")
+EVICTED = Reply(421, "4.3.2", "Too many connections, closing this idle one")
 SESSION_ERROR = Reply(421, "4.3.0", "Internal error in the bridge, closing connection")
 NO_ROUTE = Reply(550, "5.1.1", "No route for this recipient")
 
@@ -61,6 +66,8 @@ class ServerOptions:
     shutdown_grace: float = 25.0
     spool_threshold: int = 1 << 20
     spool_dir: str | None = None
+    reply_buffer: int = 1 << 20  # octets of unsent replies before the session stops reading
+    tls: ssl.SSLContext | None = None  # offer STARTTLS with this server context
 
 
 class LmtpServer:
@@ -118,7 +125,7 @@ class LmtpServer:
     async def _run_session(self, stream: trio.SocketStream) -> None:
         metrics.CONNECTIONS.inc()
         async with stream:
-            if len(self._sessions) >= self.options.max_connections:
+            if len(self._sessions) >= self.options.max_connections and not self._evict_one():
                 metrics.PROTOCOL_ERRORS.labels("too_many_connections").inc()
                 await _send_last(stream, TOO_MANY_CONNECTIONS)
                 return
@@ -131,21 +138,54 @@ class LmtpServer:
                 self._sessions.discard(session)
                 metrics.CONNECTIONS_ACTIVE.dec()
 
+    def _evict_one(self) -> bool:
+        """At the connection limit, an idle session (waiting for a command, outside a
+        transaction, for at least EVICT_AFTER seconds) makes room for a new connection: the
+        longest idle one gets 421. So idle or trickling connections (slowloris) cannot lock
+        out MTAs with mail to deliver; False when every session is busy."""
+        now = trio.current_time()
+        idle = [s for s in self._sessions if s.idle and now - s.idle_since >= EVICT_AFTER]
+        if not idle:
+            return False
+        min(idle, key=lambda s: s.idle_since).evict()
+        return True
+
 
 class Session:
-    """One LMTP connection: socket <-> protocol core <-> deliveries."""
+    """One LMTP connection: socket <-> protocol core <-> deliveries.
+
+    Replies go out through a writer task, so the session keeps reading (and answering) a
+    client that pipelines without reading its replies, up to ``reply_buffer`` octets of
+    unsent replies; past that it stops reading until the client reads (RFC 2920 flow
+    control: input waits in the socket, nothing is lost).
+    """
 
     def __init__(self, server: LmtpServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.options = server.options
-        self.stream = stream
-        self.conn = LmtpServerConnection(self.options.hostname, self.options.limits)
+        self.stream: trio.abc.Stream = stream
+        self.conn = LmtpServerConnection(
+            self.options.hostname, self.options.limits, starttls=self.options.tls is not None
+        )
         self.client_address = _peer_address(stream)
+        self.idle_since = trio.current_time()  # when the session began to wait for a command
         self._idle_scope: trio.CancelScope | None = None
         self._delivery_scope: trio.CancelScope | None = None
+        self._evicted = False
         self._mail: MailFrom | None = None
         self._recipients: list[Recipient] = []
         self._message: MessageBuffer | None = None
+        # the writer side
+        self._outbox = bytearray()
+        self._in_flight = 0  # octets handed to the socket by the writer, not yet sent
+        self._wake_writer = trio.Event()
+        self._sent = trio.Event()
+        self._broken = False
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a command outside a transaction, with every reply sent."""
+        return self._idle_scope is not None and not self._outbox and not self._in_flight
 
     def begin_drain(self, deadline: float) -> None:
         if self._idle_scope is not None:
@@ -153,9 +193,33 @@ class Session:
         if self._delivery_scope is not None:
             self._delivery_scope.deadline = deadline
 
+    def evict(self) -> None:
+        """Close this idle session (421) to make room for a new one at max_connections."""
+        if self._idle_scope is not None:
+            self._evicted = True
+            self._idle_scope.cancel()
+
     async def run(self) -> None:
         try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, nursery.cancel_scope)
+                await self._main()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._drop_message()
+            if isinstance(self.stream, trio.SSLStream):
+                # close_notify, so the client sees a clean end of the TLS session
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(CLOSE_GRACE),
+                    contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+                ):
+                    await self.stream.aclose()
+
+    async def _main(self) -> None:
+        try:
             await self._loop()
+            await self._drain_output(CLOSE_GRACE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             self._drop_message()
         except Exception:
@@ -169,12 +233,15 @@ class Session:
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                await self._flush()
+                self._queue_output()
                 data = await self._receive()
                 if data is None:
                     return
                 conn.receive_data(data)
-            elif isinstance(event, MessageData):
+                continue
+            if not conn.reading_message:
+                self.idle_since = trio.current_time()  # a complete command (or data) arrived
+            if isinstance(event, MessageData):
                 assert self._message is not None
                 self._message.write(event.data)
             elif isinstance(event, RcptTo):
@@ -191,14 +258,20 @@ class Session:
                 self._drop_message()
             elif isinstance(event, ProtocolError):
                 metrics.PROTOCOL_ERRORS.labels(event.kind).inc()
+            elif isinstance(event, StartTls):
+                if not await self._start_tls(event):
+                    return
             elif isinstance(event, (Quit, ConnectionClosed)):
-                await self._flush()
                 return
 
     def _on_rcpt(self, event: RcptTo) -> None:
         route = self.server.router.route_for(event.recipient)
         if route is None:
             self.conn.reject(NO_ROUTE)
+            return
+        refusal = self.server.deliverer.admit(route)  # the route's circuit breaker
+        if refusal is not None:
+            self.conn.reject(refusal)
             return
         self._recipients.append(Recipient(event.recipient, route, event.orcpt))
         self.conn.accept()
@@ -223,6 +296,7 @@ class Session:
                 self.conn.fail_remaining(CUT_BY_SHUTDOWN)
         finally:
             self._drop_message()
+            self.idle_since = trio.current_time()
 
     def _envelope(self, mail: MailFrom, message: MessageBuffer) -> Envelope:
         return Envelope(
@@ -239,25 +313,56 @@ class Session:
     async def _emit(self, replies: Sequence[Reply]) -> None:
         for reply in replies:
             self.conn.send_recipient_reply(reply)
-        # a reply must never be cut in half, even when the grace period ends right now
-        with trio.CancelScope(shield=True):
-            await self._flush()
+        self._queue_output()  # the writer sends it at once, whatever the delivery does next
+
+    async def _start_tls(self, event: StartTls) -> bool:
+        """Send the 220 in plaintext, then the handshake; False if the session is over."""
+        assert self.options.tls is not None
+        if event.discarded:
+            metrics.PROTOCOL_ERRORS.labels("plaintext_after_starttls").inc()
+        self._queue_output()
+        await self._drain_output(self.options.idle_timeout)
+        if self._broken:
+            return False
+        tls_stream = trio.SSLStream(self.stream, self.options.tls, server_side=True)
+        with trio.move_on_after(self.options.idle_timeout):
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                metrics.PROTOCOL_ERRORS.labels("tls_handshake").inc()
+                log_event(log, logging.INFO, "TLS handshake failed", exc=exc)
+                return False
+            self.stream = tls_stream
+            self.idle_since = trio.current_time()
+            return True
+        metrics.PROTOCOL_ERRORS.labels("tls_handshake").inc()
+        return False
 
     async def _receive(self) -> bytes | None:
         """The next bytes from the peer, or None when the session should end (421 sent)."""
+        await self._wait_for_reader()
         idle = not self.conn.in_transaction
         if idle and self.server.draining:
             await self._close(SHUTTING_DOWN)
             return None
-        with trio.move_on_after(self.options.idle_timeout) as scope:
+        if self.conn.reading_message:
+            deadline = trio.current_time() + self.options.idle_timeout
+        else:
+            # a whole command line must come within the idle timeout: a client that trickles
+            # a byte at a time (slowloris) cannot hold the session open for longer
+            deadline = self.idle_since + self.options.idle_timeout
+        with trio.CancelScope(deadline=deadline) as scope:
             if idle:
                 self._idle_scope = scope
             try:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
+                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
             finally:
                 self._idle_scope = None
         if scope.cancelled_caught:
-            if idle and self.server.draining:
+            if self._evicted:
+                metrics.PROTOCOL_ERRORS.labels("evicted").inc()
+                await self._close(EVICTED)
+            elif idle and self.server.draining:
                 await self._close(SHUTTING_DOWN)
             else:
                 metrics.PROTOCOL_ERRORS.labels("idle_timeout").inc()
@@ -266,27 +371,73 @@ class Session:
             return None
         return data
 
-    async def _flush(self) -> None:
+    async def _wait_for_reader(self) -> None:
+        """Back-pressure: read no more input while too many replies wait for the client."""
+        if self._backlog() > self.options.reply_buffer:
+            metrics.PROTOCOL_ERRORS.labels("reply_backlog").inc()
+            while self._backlog() > self.options.reply_buffer and not self._broken:
+                # the writer gives up (and the session ends) when the client reads nothing
+                # for idle_timeout
+                await self._sent.wait()
+        if self._broken:
+            raise trio.BrokenResourceError("peer does not read its replies")
+
+    # ---- the writer
+
+    def _backlog(self) -> int:
+        return len(self._outbox) + self._in_flight
+
+    def _queue_output(self) -> None:
         data = self.conn.data_to_send()
         if data:
             _count_replies(data)
-            with trio.move_on_after(self.options.idle_timeout):
-                await self.stream.send_all(data)
+            self._outbox += data
+            self._wake_writer.set()
+
+    async def _writer(self, session_scope: trio.CancelScope) -> None:
+        while True:
+            if not self._outbox:
+                await self._wake_writer.wait()
+                self._wake_writer = trio.Event()
+                continue
+            data = bytes(self._outbox)
+            self._outbox.clear()
+            self._in_flight = len(data)
+            try:
+                with trio.move_on_after(self.options.idle_timeout) as timeout:
+                    await self.stream.send_all(data)
+                failed = timeout.cancelled_caught
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
+                failed = True
+            self._in_flight = 0
+            self._sent.set()
+            self._sent = trio.Event()
+            if failed:
+                # the peer is gone or reads nothing: nobody will see any further reply
+                self._broken = True
+                self._outbox.clear()
+                self._drop_message()
+                session_scope.cancel()
                 return
-            raise trio.BrokenResourceError("peer does not read its replies")
+
+    async def _drain_output(self, limit: float) -> None:
+        """Wait (up to ``limit`` seconds) until every queued reply has been sent."""
+        self._queue_output()
+        with trio.move_on_after(limit):
+            while self._backlog() and not self._broken:
+                await self._sent.wait()
 
     async def _close(self, reply: Reply) -> None:
         self.conn.close(reply)
-        with trio.move_on_after(CLOSE_GRACE):
-            await self._flush()
+        await self._drain_output(CLOSE_GRACE)
 
     async def _close_after_bug(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+        with trio.CancelScope(shield=True):
             try:
                 if self.conn.replies_owed:
                     self.conn.fail_remaining(INTERNAL_ERROR)
                 self.conn.close(SESSION_ERROR)
-                await self._flush()
+                await self._drain_output(CLOSE_GRACE)
             except Exception as exc:  # the session is lost anyway; the first error is logged
                 log_event(log, logging.DEBUG, "could not answer after a session error", exc=exc)
 

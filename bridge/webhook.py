@@ -13,6 +13,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, I
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import cast
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import trio
@@ -26,6 +27,7 @@ from bridge.metrics import (
     WEBHOOK_RETRIES,
     status_class,
 )
+from bridge.policy import RETRY_AFTER
 from bridge.routing import Route
 
 log = logging.getLogger("bridge.webhook")
@@ -41,6 +43,10 @@ BACKOFF_BASE = 0.2  # seconds before the first retry
 BACKOFF_FACTOR = 2.5
 BACKOFF_CAP = 2.0
 CLOSE_GRACE = 5.0  # seconds to close pooled connections at shutdown
+MIN_ATTEMPT = 1.0  # seconds: a retry is only started with at least this much budget left
+REDIRECT_STATUSES = (307, 308)  # the only ones that keep the method and body of a POST
+# Dropped when a redirect leaves the origin (as browsers and httpx do).
+_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
 # Transport failure kinds (Outcome.error) -> default reply.
 _TRANSPORT_REPLIES: dict[str, Reply] = {
@@ -228,6 +234,10 @@ def map_transport_error(exc: Exception, overrides: Mapping[str, str]) -> Reply:
     return _fit(Reply(reply.code, reply.status, reply.text or str(default.text)))
 
 
+class RedirectRefused(Exception):
+    """A redirect the bridge will not follow (to plain http, too many, no Location)."""
+
+
 def backoff_delay(retry: int) -> float:
     """Seconds to wait before retry number ``retry`` (1-based): short, growing, jittered."""
     delay = min(BACKOFF_CAP, BACKOFF_BASE * BACKOFF_FACTOR ** (retry - 1))
@@ -268,12 +278,25 @@ class _BodyStream:
         return piece
 
 
-def _tls_setting(verify: bool | str) -> bool | ssl.SSLContext:
-    if isinstance(verify, bool):
+def _tls_setting(
+    verify: bool | str,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    trust_env: bool = False,
+) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: True/False, or a context for a CA bundle and/or a client certificate
+    (mTLS). With ``trust_env``, SSL_CERT_FILE / SSL_CERT_DIR name the CA bundle, as in httpx."""
+    if isinstance(verify, bool) and client_cert is None:
         return verify
-    if os.path.isdir(verify):
-        return ssl.create_default_context(capath=verify)
-    return ssl.create_default_context(cafile=verify)
+    if isinstance(verify, bool):
+        context = httpx.create_ssl_context(verify=verify, trust_env=trust_env)
+    elif os.path.isdir(verify):
+        context = ssl.create_default_context(capath=verify)
+    else:
+        context = ssl.create_default_context(cafile=verify)
+    if client_cert is not None:
+        context.load_cert_chain(client_cert, client_key)
+    return context
 
 
 @dataclass(frozen=True)
@@ -281,6 +304,14 @@ class _Attempt:
     reply: Reply
     http_status: int | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    reply_header: str | None
+    body_start: str
+    retry_after: str | None
 
 
 class WebhookClient:
@@ -294,16 +325,25 @@ class WebhookClient:
         verify: bool | str = True,
         user_agent: str = DEFAULT_USER_AGENT,
         transport: httpx.AsyncBaseTransport | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        trust_env: bool = False,
+        follow_redirects: bool = False,
+        max_redirects: int = 3,
     ) -> None:
+        self._max_redirects = max_redirects if follow_redirects else 0
         self._client = httpx.AsyncClient(
-            transport=transport,  # tests only: e.g. httpx.MockTransport
+            transport=transport,  # e.g. the h11 transport, or httpx.MockTransport in tests
             limits=httpx.Limits(
                 max_connections=max_connections,
                 max_keepalive_connections=min(max_keepalive_connections, max_connections),
             ),
-            verify=_tls_setting(verify),
+            verify=_tls_setting(verify, client_cert, client_key, trust_env),
+            # Redirects are ours to follow (only 307/308, which keep the POST and its body):
+            # httpx would turn a POST answered 301/302/303 into a GET and lose the message.
             follow_redirects=False,
-            trust_env=False,
+            # Proxies from HTTP(S)_PROXY / NO_PROXY only when the operator asked for it.
+            trust_env=trust_env,
             # identity: we read raw bytes of error bodies and never want to inflate them
             headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
         )
@@ -317,14 +357,21 @@ class WebhookClient:
         Never raises except ``trio.Cancelled`` (the caller's deadline), which it lets through.
         """
         started = time.perf_counter()
+        # The retry budget bounds every try and every pause: the MTA must hear from us in time.
+        deadline = trio.current_time() + route.retry_budget
         attempts = 0
         while True:
             attempts += 1
-            result = await self._attempt(route, request)
+            limit = min(route.timeout, max(0.0, deadline - trio.current_time()))
+            result = await self._attempt(route, request, limit)
             if not result.reply.is_transient or attempts > route.retries:
                 break
+            delay = backoff_delay(attempts)
+            if deadline - trio.current_time() - delay < MIN_ATTEMPT:
+                log.debug("retry budget spent", extra={"route": route.name})
+                break
             WEBHOOK_RETRIES.labels(route.name).inc()
-            await trio.sleep(backoff_delay(attempts))
+            await trio.sleep(delay)
         return Outcome(
             reply=result.reply,
             http_status=result.http_status,
@@ -333,12 +380,12 @@ class WebhookClient:
             error=result.error,
         )
 
-    async def _attempt(self, route: Route, request: WebhookRequest) -> _Attempt:
+    async def _attempt(self, route: Route, request: WebhookRequest, limit: float) -> _Attempt:
         in_flight = WEBHOOK_IN_FLIGHT.labels(route.name)
         in_flight.inc()
         started = time.perf_counter()
         try:
-            result = await self._attempt_unmetered(route, request)
+            result = await self._attempt_unmetered(route, request, limit)
         finally:
             in_flight.dec()
         WEBHOOK_DURATION.labels(route.name).observe(time.perf_counter() - started)
@@ -349,14 +396,32 @@ class WebhookClient:
         )
         return result
 
-    async def _attempt_unmetered(self, route: Route, request: WebhookRequest) -> _Attempt:
+    async def _attempt_unmetered(
+        self, route: Route, request: WebhookRequest, limit: float
+    ) -> _Attempt:
         try:
             # httpx's Timeout bounds each phase; this scope bounds connect-to-last-byte.
-            with trio.move_on_after(route.timeout):
-                status, reply_header, body = await self._exchange(route, request)
-                reply = map_response(status, body, reply_header, route.status_map)
-                return _Attempt(reply, status, None)
+            with trio.move_on_after(limit):
+                answer = await self._exchange(route, request, max(limit, 0.001))
+                if answer.retry_after is not None:
+                    RETRY_AFTER.labels(route.name).inc()
+                    log.info(
+                        "webhook sent Retry-After (not obeyed: the MTA's queue decides)",
+                        extra={
+                            "route": route.name,
+                            "http_status": answer.status,
+                            "retry_after": sanitize_text(answer.retry_after, 64),
+                        },
+                    )
+                reply = map_response(
+                    answer.status, answer.body_start, answer.reply_header, route.status_map
+                )
+                return _Attempt(reply, answer.status, None)
             failure: Exception = httpx.TimeoutException("no answer within the route's timeout")
+        except RedirectRefused as exc:
+            log.warning("webhook redirect not followed: %s", exc, extra={"route": route.name})
+            reply = Reply(451, "4.3.0", f"webhook redirect not followed: {exc}")
+            return _Attempt(_fit(reply), None, "protocol")
         except Exception as exc:
             failure = exc
             if classify_transport_error(exc) == "internal":
@@ -364,10 +429,41 @@ class WebhookClient:
         kind = classify_transport_error(failure)
         return _Attempt(map_transport_error(failure, route.status_map), None, kind)
 
-    async def _exchange(self, route: Route, request: WebhookRequest) -> tuple[int, str | None, str]:
-        """Send the request; return the status, the X-Lmtp-Reply header and the body's start."""
+    async def _exchange(self, route: Route, request: WebhookRequest, limit: float) -> _Answer:
+        """Send the request, following 307/308 redirects when configured."""
+        url = request.url
         headers = [(k, v) for k, v in request.headers if k.lower() not in _FRAMING_HEADERS]
         headers.append(("Content-Length", str(request.length)))
+        hops = 0
+        while True:
+            answer, location = await self._post_once(url, headers, request, limit)
+            if answer.status not in REDIRECT_STATUSES or not self._max_redirects:
+                return answer
+            hops += 1
+            if hops > self._max_redirects:
+                raise RedirectRefused(f"more than {self._max_redirects} redirects")
+            if not location:
+                raise RedirectRefused(f"HTTP {answer.status} without a Location")
+            target = urljoin(url, location)
+            old, new = urlsplit(url), urlsplit(target)
+            if new.scheme not in ("http", "https") or (old.scheme, new.scheme) == ("https", "http"):
+                raise RedirectRefused(f"to a {new.scheme or 'relative'} URL")
+            if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
+                headers = [(k, v) for k, v in headers if k.lower() not in _CREDENTIAL_HEADERS]
+            log.info(
+                "following webhook redirect",
+                extra={"route": route.name, "http_status": answer.status},
+            )
+            url = target
+
+    async def _post_once(
+        self,
+        url: str,
+        headers: list[tuple[str, str]],
+        request: WebhookRequest,
+        limit: float,
+    ) -> tuple[_Answer, str | None]:
+        """One POST; the answer and the Location header."""
         content: bytes | _BodyStream
         if request.length <= SMALL_BODY:
             content = b"".join(request.chunks())
@@ -375,10 +471,10 @@ class WebhookClient:
             content = _BodyStream(request.chunks)
         outgoing = self._client.build_request(
             "POST",
-            request.url,
+            url,
             headers=headers,
             content=content,
-            timeout=httpx.Timeout(route.timeout),
+            timeout=httpx.Timeout(limit),
         )
         response = await self._client.send(outgoing, stream=True)
         try:
@@ -392,9 +488,14 @@ class WebhookClient:
                         break
         finally:
             await response.aclose()
-        reply_header = response.headers.get(REPLY_HEADER)
         text = body[:MAX_RESPONSE_READ].decode("ascii", "ignore")
-        return response.status_code, reply_header, text
+        answer = _Answer(
+            status=response.status_code,
+            reply_header=response.headers.get(REPLY_HEADER),
+            body_start=text,
+            retry_after=response.headers.get("Retry-After"),
+        )
+        return answer, response.headers.get("Location")
 
 
 @asynccontextmanager
@@ -405,6 +506,11 @@ async def open_webhook_client(
     verify: bool | str = True,
     user_agent: str = DEFAULT_USER_AGENT,
     transport: httpx.AsyncBaseTransport | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    trust_env: bool = False,
+    follow_redirects: bool = False,
+    max_redirects: int = 3,
 ) -> AsyncIterator[WebhookClient]:
     """A WebhookClient whose pooled connections are closed on the way out, even when cancelled."""
     client = WebhookClient(
@@ -413,6 +519,11 @@ async def open_webhook_client(
         verify=verify,
         user_agent=user_agent,
         transport=transport,
+        client_cert=client_cert,
+        client_key=client_key,
+        trust_env=trust_env,
+        follow_redirects=follow_redirects,
+        max_redirects=max_redirects,
     )
     try:
         yield client

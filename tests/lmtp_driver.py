@@ -23,6 +23,7 @@ from bridge.lmtp.events import (
     Quit,
     RcptTo,
     Reply,
+    StartTls,
 )
 
 HOSTNAME = "test.example"
@@ -123,8 +124,9 @@ class Session:
         *,
         rcpt_policy: Callable[[str], Reply | None] = default_rcpt_policy,
         end_reply: Callable[[str], Reply] = lambda rcpt: OK,
+        starttls: bool = False,
     ) -> None:
-        self.conn = LmtpServerConnection(HOSTNAME, limits)
+        self.conn = LmtpServerConnection(HOSTNAME, limits, starttls=starttls)
         self.rcpt_policy = rcpt_policy
         self.end_reply = end_reply
         self.checker = ReplyChecker()
@@ -189,6 +191,10 @@ class Session:
         elif isinstance(event, MessageAborted):
             self._body = None
             self._rcpts = []
+        elif isinstance(event, StartTls):
+            assert conn.state.name == "CONNECTED" and conn.tls_active
+            assert self._body is None
+            self._rcpts = []
         elif isinstance(event, (ConnectionClosed, Quit)):
             assert not self.out.closed, "closed twice"
             self.out.closed = True
@@ -214,6 +220,10 @@ class Session:
         assert conn.replies_owed == 0
         answers = self._take()
         assert len(reply_codes(answers)) == len(self._rcpts), "wrong number of end replies"
+        expected = (
+            [event.error] * len(self._rcpts) if event.error else map(self.end_reply, self._rcpts)
+        )
+        assert answers == b"".join(r.to_bytes() for r in expected), "end replies out of order"
         assert not conn.in_transaction
         self._body = None
         self._rcpts = []

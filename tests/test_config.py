@@ -468,3 +468,55 @@ def test_route_names_are_label_safe(name: str) -> None:
     (p,) = problems_of(environ=env)
     assert p.startswith("routes[0].name: ")
     assert "\n" not in p
+
+
+def test_delivery_policy_and_outbound_settings(tmp_path: Path) -> None:
+    s = load_settings(environ={"LMTP_BRIDGE_WEBHOOK_URL": URL})
+    assert (s.trace_headers, s.recipient_delimiter) == (True, "+")
+    assert (s.http_retry_budget, s.breaker_threshold, s.breaker_cooldown) == (120.0, 5, 30.0)
+    assert (s.http_client_cert, s.http_client_key, s.http_trust_env) == (None, None, False)
+    assert (s.http_follow_redirects, s.http_max_redirects) == (False, 3)
+    cert = tmp_path / "client.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    s = load_settings(
+        environ={
+            "LMTP_BRIDGE_WEBHOOK_URL": URL,
+            "LMTP_BRIDGE_TRACE_HEADERS": "false",
+            "LMTP_BRIDGE_RECIPIENT_DELIMITER": "+-",
+            "LMTP_BRIDGE_HTTP_RETRY_BUDGET": "90",
+            "LMTP_BRIDGE_BREAKER_THRESHOLD": "0",
+            "LMTP_BRIDGE_HTTP_CLIENT_CERT": str(cert),
+            "LMTP_BRIDGE_HTTP_TRUST_ENV": "yes",
+            "LMTP_BRIDGE_HTTP_FOLLOW_REDIRECTS": "true",
+        }
+    )
+    assert (s.trace_headers, s.recipient_delimiter, s.http_retry_budget) == (False, "+-", 90)
+    assert (s.breaker_threshold, s.http_client_cert, s.http_trust_env) == (0, str(cert), True)
+    assert s.http_follow_redirects
+
+
+def test_delivery_policy_problems_name_the_setting(tmp_path: Path) -> None:
+    problems = problems_of(
+        overrides={
+            "webhook_url": URL,
+            "http_retry_budget": 900,
+            "breaker_threshold": -1,
+            "breaker_cooldown": 0,
+            "http_client_cert": str(tmp_path / "missing.pem"),
+            "recipient_delimiter": "@",
+            "http_max_redirects": 0,
+        }
+    )
+    named = sorted(p.split(":")[0] for p in problems)
+    assert named == [
+        "breaker_cooldown",
+        "breaker_threshold",
+        "http_client_cert",
+        "http_max_redirects",
+        "http_retry_budget",
+        "recipient_delimiter",
+    ]
+    key = tmp_path / "client.key"
+    key.write_text("x")
+    (problem,) = problems_of(overrides={"webhook_url": URL, "http_client_key": str(key)})
+    assert "set http_client_cert too" in problem

@@ -480,6 +480,15 @@ def test_S27_too_many_recipients_is_452() -> None:
     assert out.recipients == [rcpts[:3]]
 
 
+def test_S27_452_is_flow_control_and_does_not_spend_the_error_budget() -> None:
+    """Postfix sends up to lmtp_destination_recipient_limit RCPTs; the excess gets 452 and is
+    retried later. Those 452s must not close the session as "too many errors" (421)."""
+    rcpts = [f"r{i}@example.net" for i in range(30)]
+    out = run(one_message(*rcpts), "NOOP", limits=Limits(max_recipients=2, max_command_errors=3))
+    assert codes_after_lhlo(out) == [250, 250, 250] + [452] * 28 + [354, 250, 250, 250]
+    assert not any(line.startswith("421") for line in out.lines)
+
+
 # ---------------------------------------------------------------------------- 1c. extensions
 
 

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from lmtp_driver import Outcome, Session, drive
 
 from bridge.lmtp.connection import Limits
-from bridge.lmtp.events import MessageAborted, MessageData, Reply
+from bridge.lmtp.events import MessageAborted, MessageData, Reply, StartTls
 
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 SCALE = {"ci": 1, "dev": 25}[PROFILE]
@@ -234,19 +234,21 @@ class LmtpMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.limits = Limits()
+        self.tls = False
         self.session = Session()
         self.pending = b""
         self.data_bodies: list[bytes] = []
         self.chunks: list[bytes] = []
         self.checked = 0
 
-    @initialize(limits=LIMITS)
-    def start(self, limits: Limits) -> None:
+    @initialize(limits=LIMITS, tls=st.booleans())
+    def start(self, limits: Limits, tls: bool) -> None:
         self.limits = limits
+        self.tls = tls
         self.new_session()
 
     def new_session(self) -> None:
-        self.session = Session(self.limits, end_reply=end_reply)
+        self.session = Session(self.limits, end_reply=end_reply, starttls=self.tls)
         self.pending = line("LHLO c.example")
         self.data_bodies = []
         self.chunks = []
@@ -302,13 +304,23 @@ class LmtpMachine(RuleBasedStateMachine):
     def quit(self) -> None:
         self.pending += line("QUIT")
 
+    @rule()
+    def starttls(self) -> None:
+        """STARTTLS (offered or not); the rest of its write is injected plaintext."""
+        self.pending += line("STARTTLS")
+
     # ---- what reaches the server
 
     @rule(data=st.data())
     def flush(self, data: st.DataObject) -> None:
         cuts = data.draw(st.lists(st.integers(0, max(0, len(self.pending))), max_size=10))
         for chunk in split_at(self.pending, cuts):
-            self.session.send(chunk)
+            before = len(self.session.out.events)
+            wire = self.session.send(chunk)
+            if any(isinstance(e, StartTls) for e in self.session.out.events[before:]):
+                # RFC 3207: nothing pipelined after STARTTLS in that write gets an answer
+                assert wire.endswith(b"220 2.0.0 Ready to start TLS\r\n")
+                event("STARTTLS accepted")
             if self.session.out.closed:
                 break
         self.pending = b""

@@ -154,6 +154,10 @@ def test_plain_text_mail() -> None:
     assert doc["envelope"] == {
         "mail_from": "alice@example.org",
         "rcpt_to": "bob@example.net",
+        "rcpt_local": "bob",
+        "rcpt_domain": "example.net",
+        "rcpt_user": "bob",
+        "rcpt_tag": None,
         "lhlo": "mx1.example.org",
         "client_address": "127.0.0.1",
         "body": "8BITMIME",
@@ -187,6 +191,8 @@ def test_plain_text_mail() -> None:
     assert ["Subject", "Lunch on Friday"] in msg["headers"]
     assert msg["text"] == "Shall we meet at noon?\n"
     assert msg["html"] is None
+    assert (msg["text_charset"], msg["html_charset"]) == (None, None)
+    assert msg["auth"] is None
     assert msg["attachments"] == []
     assert doc["defects"] == []
     assert "raw" not in doc
@@ -212,6 +218,7 @@ def test_multipart_alternative_with_attachment() -> None:
     msg = as_json(ALTERNATIVE)["message"]
     assert msg["text"] == "The report is attached."
     assert msg["html"] == "<p>The report is <b>attached</b>.</p>"
+    assert (msg["text_charset"], msg["html_charset"]) == ("utf-8", "utf-8")
     pdf, logo = msg["attachments"]
     pdf_bytes = base64.b64decode(pdf.pop("content"))
     assert pdf_bytes.startswith(b"%PDF-1.4")
@@ -221,6 +228,8 @@ def test_multipart_alternative_with_attachment() -> None:
         "size": len(pdf_bytes),
         "disposition": "attachment",
         "content_id": None,
+        "charset": None,
+        "text": None,
     }
     assert base64.b64decode(logo["content"]) == b"\x89PNG\r\n\x1a\n"
     assert logo["disposition"] == "inline"
@@ -318,11 +327,12 @@ def test_undeclared_8bit_utf8_body_and_headers() -> None:
     assert msg["text"] == "Hällo, wie geht's? ✓\n"
 
 
-def test_undeclared_8bit_that_is_not_utf8_falls_back_to_latin1() -> None:
-    raw = b"Subject: Gr\xfc\xdfe\r\n\r\nK\xf6ln\r\n"
+def test_undeclared_8bit_that_is_not_utf8_falls_back_to_windows_1252() -> None:
+    raw = b"Subject: Gr\xfc\xdfe \x80\r\n\r\nK\xf6ln \x93quoted\x94 \x81\r\n"
     msg = as_json(raw)["message"]
-    assert msg["subject"] == "Grüße"
-    assert msg["text"] == "Köln\n"
+    assert msg["subject"] == "Grüße €"
+    # Windows-1252 where it assigns a character, Latin-1 for its five holes (0x81 here)
+    assert msg["text"] == "Köln \u201cquoted\u201d \x81\n"
 
 
 def test_unknown_charset_is_decoded_and_reported() -> None:

@@ -255,3 +255,88 @@ def test_build_router_with_defaults_only() -> None:
     router = build_router(settings(webhook_url=URL))
     found = router.route_for("anyone@anywhere.example")
     assert found == Route(name="default", url=URL)
+
+
+# --- URL templates and plus-addressing ------------------------------------------------------
+
+
+def test_url_template_fills_escaped_values() -> None:
+    templated = Route(name="t", url="https://hooks.example/in/{domain}/{local}?to={rcpt}&t={tag}")
+    assert templated.url_for("Bob+a/b?c@Example.ORG") == (
+        "https://hooks.example/in/example.org/Bob%2Ba%2Fb%3Fc?to=Bob%2Ba%2Fb%3Fc%40example.org&t=a%2Fb%3Fc"
+    )
+    assert templated.url_for("bob@example.org").endswith("&t=")
+    assert Route(name="u", url="http://h/{user}").url_for("jörg+x@example.org") == (
+        "http://h/j%C3%B6rg"
+    )
+    plain = Route(name="p", url="http://h/hook?a=1")
+    assert plain.url_for("x@example.org") == "http://h/hook?a=1"
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://h/{nope}", "unknown placeholder {nope}"),
+        ("http://h/{rcpt!r}", "unknown placeholder"),
+        ("http://h/{rcpt:>10}", "unknown placeholder"),
+        ("http://{domain}/in", "path and query only"),
+        ("http://h/a{", "not a placeholder"),
+        ("http://h/a}", "not a placeholder"),
+    ],
+)
+def test_bad_url_templates_are_refused_at_start(url: str, problem: str) -> None:
+    from bridge.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(overrides={"webhook_url": url}, environ={})
+    assert problem in raised.value.problems[0]
+    assert raised.value.problems[0].startswith("webhook_url:")
+
+
+def test_exact_route_fits_the_address_with_an_extension() -> None:
+    router = Router(
+        [("bob@example.org", route("bob")), ("re:bob@example\\.org", route("re"))], DEFAULT
+    )
+    assert name_for(router, "bob+news@example.org") == "bob"
+    assert name_for(router, "bob+@example.org") == "bob"
+    assert name_for(router, "bobby+news@example.org") == "default"
+    assert name_for(router, "+bob@example.org") == "default"  # a leading "+" is no extension
+    only_regex = Router([("re:bob@example\\.org", route("re"))], None)
+    assert name_for(only_regex, "bob+news@example.org") is None  # a regex sees it all
+
+
+def test_recipient_delimiter_setting() -> None:
+    settings = Settings(
+        webhook_url=URL,
+        recipient_delimiter="-+",
+        routes=[{"name": "bob", "match": "bob@example.org"}],  # type: ignore[list-item]
+    )
+    router = build_router(settings)
+    assert name_for(router, "bob-lists@example.org") == "bob"
+    assert name_for(router, "bob+x@example.org") == "bob"
+    no_ext = build_router(Settings(webhook_url=URL, recipient_delimiter="", routes=settings.routes))
+    assert name_for(no_ext, "bob+x@example.org") == "default"
+
+
+def test_route_settings_for_policy_and_trace_headers() -> None:
+    settings = Settings(
+        webhook_url=URL,
+        trace_headers=False,
+        http_retry_budget=60,
+        routes=[
+            {"name": "a", "match": "a@example.org", "trace_headers": True},  # type: ignore[list-item]
+            {"name": "b", "match": "b@example.org"},  # type: ignore[list-item]
+        ],
+    )
+    router = build_router(settings)
+    a, b, default = router.routes
+    assert (a.trace_headers, b.trace_headers, default.trace_headers) == (True, False, False)
+    assert {r.retry_budget for r in router.routes} == {60}
+
+
+def test_secrets_and_headers_stay_out_of_route_reprs() -> None:
+    secret_route = Route(
+        name="s", url=URL, secrets=(SECRET,), headers={"Authorization": "Bearer hunter2"}
+    )
+    assert SECRET not in repr(secret_route) and "hunter2" not in repr(secret_route)
+    assert "name='s'" in repr(secret_route)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -94,6 +95,13 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            # The TLS handshake runs here, in the handler's thread, not in the accept loop.
+            self.request.settimeout(5)
+            self.request.do_handshake()
+            self.request.settimeout(None)
+            cert = self.request.getpeercert()
+            self.server.owner._peer_certs.append(cert)
         super().setup()
         self.server.owner._track(self.connection, add=True)
 
@@ -182,14 +190,18 @@ class _Server(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that hangs up early is normal here; anything else is kept for the test.
         error = sys.exc_info()[1]
-        if not isinstance(error, ConnectionError):
+        if not isinstance(error, ConnectionError | ssl.SSLError | TimeoutError):
             self.owner.errors.append(error)
 
 
 class WebhookServer:
-    """Start with ``start()`` (or ``with``); ``url`` is ``http://127.0.0.1:<port>/hook``."""
+    """Start with ``start()`` (or ``with``); ``url`` is ``http://127.0.0.1:<port>/hook``.
 
-    def __init__(self) -> None:
+    With ``tls`` (a server-side SSLContext) it speaks HTTPS: ``https://127.0.0.1:<port>/hook``;
+    ``peer_certs`` then lists the client certificate of each connection (empty dict: none).
+    """
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -197,13 +209,18 @@ class WebhookServer:
         self._requests: list[RecordedRequest] = []
         self._connections: set[socket.socket] = set()
         self.errors: list[BaseException | None] = []  # unexpected handler exceptions
+        self._peer_certs: list[Any] = []
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
+        if tls is not None:
+            self._httpd.socket = tls.wrap_socket(
+                self._httpd.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
         self.port: int = self._httpd.server_address[1]
-        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.base_url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.url = f"{self.base_url}/hook"
 
     # --- programming ---
@@ -253,6 +270,11 @@ class WebhookServer:
         """Block until ``count`` requests have arrived (from trio: ``trio.to_thread.run_sync``)."""
         with self._arrived:
             return self._arrived.wait_for(lambda: len(self._requests) >= count, timeout)
+
+    @property
+    def peer_certs(self) -> list[Any]:
+        with self._lock:
+            return list(self._peer_certs)
 
     @property
     def requests(self) -> list[RecordedRequest]:

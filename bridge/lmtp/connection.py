@@ -27,6 +27,7 @@ from bridge.lmtp.events import (
     RcptTo,
     Reply,
     Sentinel,
+    StartTls,
     Xforward,
 )
 from bridge.lmtp.state import IN_TRANSACTION, LEGAL, State
@@ -42,6 +43,8 @@ _LONG_VERBS = (b"MAIL", b"RCPT", b"XFOR")
 
 XFORWARD_ATTRIBUTES = ("NAME", "ADDR", "PROTO", "HELO", "SOURCE", "PORT", "IDENT")
 BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
+# refusals that are flow control, not client mistakes: they do not spend the error budget
+_NOT_ERRORS = frozenset({"too_many_recipients"})
 # re.ASCII: without it \d takes any script's digits and IGNORECASE folds U+017F into "s"
 _BDAT_ARGS = re.compile(r"(\d{1,15})(?: +(LAST))?", re.IGNORECASE | re.ASCII)
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=(\S*))?")
@@ -69,9 +72,13 @@ class LmtpServerConnection:
     always leave in the order the commands came, however much input was pipelined.
     """
 
-    def __init__(self, hostname: str, limits: Limits | None = None) -> None:
+    def __init__(
+        self, hostname: str, limits: Limits | None = None, *, starttls: bool = False
+    ) -> None:
         self.hostname = hostname
         self.limits = limits or Limits()
+        self.starttls = starttls  # offer STARTTLS (the caller has a certificate)
+        self.tls_active = False
         self.state = State.CONNECTED
         self.lhlo: str | None = None
         self.xforward: dict[str, str] = {}
@@ -124,6 +131,12 @@ class LmtpServerConnection:
     @property
     def in_transaction(self) -> bool:
         return self.state in IN_TRANSACTION or self.state is State.REPLYING
+
+    @property
+    def reading_message(self) -> bool:
+        """True while the next bytes are message content (DATA lines or BDAT octets), not a
+        command line."""
+        return self.state is State.DATA or self._chunk_open
 
     # ------------------------------------------------------------------ decisions
 
@@ -253,6 +266,8 @@ class LmtpServerConnection:
         if not verb:
             return self._error(errors.EMPTY_LINE, "syntax")
         handler = _HANDLERS.get(verb)
+        if verb == "STARTTLS" and not self.starttls:
+            handler = None
         if handler is None:
             if verb in ("HELO", "EHLO"):
                 return self._error(errors.USE_LHLO, "unknown_command")
@@ -269,6 +284,9 @@ class LmtpServerConnection:
             return self._error(exc.reply, exc.kind)
 
     def _error(self, reply: Reply, kind: str) -> Event:
+        if kind in _NOT_ERRORS:
+            self._send(reply)
+            return ProtocolError(kind, reply)
         self._errors += 1
         if self._errors > self.limits.max_command_errors:
             self._send(reply)
@@ -298,6 +316,8 @@ class LmtpServerConnection:
             "SMTPUTF8",
             "XFORWARD " + " ".join(XFORWARD_ATTRIBUTES),
         ]
+        if self.starttls and not self.tls_active:
+            keywords.append("STARTTLS")  # RFC 3207 4.2: not offered again once TLS is up
         self._send(Reply(250, "", tuple(keywords)))
         return MessageAborted() if aborted else Lhlo(arg)
 
@@ -455,6 +475,22 @@ class LmtpServerConnection:
         self._send(Reply(250, "2.0.0", "OK"))
         return Xforward(dict(self.xforward))
 
+    def _cmd_starttls(self, arg: str) -> Event:
+        if self.tls_active:
+            raise LmtpError(errors.TLS_ALREADY_ACTIVE, "sequence")
+        if arg:
+            raise errors.syntax("STARTTLS takes no argument")
+        # RFC 3207 4 and 4.2: anything pipelined after STARTTLS is plaintext an attacker may
+        # have injected; drop it, and forget everything learnt before TLS (LHLO again)
+        discarded = len(self._buf)
+        self._buf.clear()
+        self._reset_transaction()
+        self.lhlo = None
+        self.tls_active = True
+        self.state = State.CONNECTED
+        self._send(errors.READY_FOR_TLS)
+        return StartTls(discarded)
+
     # ------------------------------------------------------------------ message content
 
     def _grow(self, data: bytes) -> bytes:
@@ -609,6 +645,7 @@ _HANDLERS = {
     "VRFY": LmtpServerConnection._cmd_vrfy,
     "HELP": LmtpServerConnection._cmd_help,
     "XFORWARD": LmtpServerConnection._cmd_xforward,
+    "STARTTLS": LmtpServerConnection._cmd_starttls,
 }
 _NOT_IMPLEMENTED = frozenset(
     {"EXPN", "TURN", "ETRN", "ATRN", "STARTTLS", "AUTH", "XCLIENT", "SEND", "SOML", "SAML"}

@@ -145,6 +145,15 @@ class ProtocolError(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls(Event):
+    """STARTTLS was accepted (220 queued): flush it, then run the TLS handshake before feeding
+    more bytes. ``discarded`` plaintext octets pipelined after the command were thrown away
+    (RFC 3207 4: STARTTLS ends a pipelined group); the session starts over, LHLO first."""
+
+    discarded: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Quit(Event):
     """The client said QUIT; 221 is queued and the connection should close after flushing."""
 

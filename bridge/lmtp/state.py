@@ -33,6 +33,7 @@ LEGAL: dict[str, frozenset[State]] = {
     "VRFY": _COMMAND_STATES,
     "HELP": _COMMAND_STATES,
     "XFORWARD": frozenset({S.READY}),
+    "STARTTLS": frozenset({S.READY}),
 }
 
 # states in which a transaction is open (RSET, LHLO or a lost connection abort it)

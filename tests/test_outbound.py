@@ -1,0 +1,304 @@
+"""Outbound HTTP against real servers on 127.0.0.1: Retry-After, redirects, TLS verification,
+client certificates (mTLS, with trustme's throwaway CA), proxies from the environment, and
+secrets kept out of reprs and logs."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+from prometheus_client import REGISTRY
+from webhook_server import Step, WebhookServer
+
+from bridge import webhook
+from bridge.routing import Route
+from bridge.webhook import WebhookClient, WebhookRequest, open_webhook_client
+
+RCPT = "bob@example.org"
+SECRET_HEADER = "Bearer s3cr3t-t0ken"
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(webhook, "BACKOFF_BASE", 0.01)
+
+
+def route(url: str, **kwargs: object) -> Route:
+    return Route(name=str(kwargs.pop("name", "out")), url=url, timeout=5.0, **kwargs)  # type: ignore[arg-type]
+
+
+def request(url: str, body: bytes = b'{"hello": "world"}') -> WebhookRequest:
+    return WebhookRequest(
+        url=url,
+        headers=[
+            ("Content-Type", "application/json"),
+            ("X-Lmtp-Rcpt-To", RCPT),
+            ("webhook-id", "msg_test"),
+            ("Authorization", SECRET_HEADER),
+        ],
+        chunks=lambda: iter([body]),
+        length=len(body),
+    )
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[WebhookClient]:
+    async with open_webhook_client() as opened:
+        yield opened
+
+
+@pytest.fixture
+async def redirecting_client() -> AsyncIterator[WebhookClient]:
+    async with open_webhook_client(follow_redirects=True, max_redirects=2) as opened:
+        yield opened
+
+
+@pytest.fixture
+def other_server() -> Iterator[WebhookServer]:
+    with WebhookServer() as server:
+        yield server
+
+
+def sample(name: str, route_name: str) -> float:
+    return REGISTRY.get_sample_value(name, {"route": route_name}) or 0.0
+
+
+# --- Retry-After --------------------------------------------------------------------------
+
+
+async def test_retry_after_is_logged_and_counted_not_obeyed(
+    client: WebhookClient, webhook_server: WebhookServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    webhook_server.behave(RCPT, status=429, body="slow down", headers={"Retry-After": "3600"})
+    before = sample("lmtp_bridge_webhook_retry_after_total", "ra")
+    with caplog.at_level(logging.INFO, logger="bridge.webhook"):
+        outcome = await client.deliver(
+            route(webhook_server.url, name="ra", retries=1), request(webhook_server.url)
+        )
+    # the hour is not waited for: the MTA's queue decides when to try again
+    assert outcome.attempts == 2 and outcome.duration < 60
+    assert str(outcome.reply) == "451 4.3.0 webhook answered HTTP 429: slow down"
+    assert sample("lmtp_bridge_webhook_retry_after_total", "ra") - before == 2
+    logged = [r for r in caplog.records if "Retry-After" in r.getMessage()]
+    assert len(logged) == 2 and logged[0].retry_after == "3600"  # type: ignore[attr-defined]
+
+
+# --- redirects ------------------------------------------------------------------------------
+
+
+async def test_redirects_are_not_followed_by_default(
+    client: WebhookClient, webhook_server: WebhookServer, other_server: WebhookServer
+) -> None:
+    webhook_server.behave(RCPT, status=307, headers={"Location": other_server.url})
+    outcome = await client.deliver(route(webhook_server.url), request(webhook_server.url))
+    assert (outcome.reply.code, outcome.reply.status, outcome.http_status) == (451, "4.3.0", 307)
+    assert other_server.requests == []
+
+
+@pytest.mark.parametrize("status", [307, 308])
+async def test_307_and_308_are_followed_when_configured_with_the_same_body(
+    redirecting_client: WebhookClient,
+    webhook_server: WebhookServer,
+    other_server: WebhookServer,
+    status: int,
+) -> None:
+    webhook_server.behave(RCPT, status=status, headers={"Location": other_server.url + "?x=1"})
+    body = b'{"big": "' + b"x" * 200_000 + b'"}'  # streamed, so re-sent from the factory
+    outcome = await redirecting_client.deliver(
+        route(webhook_server.url), request(webhook_server.url, body)
+    )
+    assert outcome.reply.code == 250 and outcome.http_status == 200
+    (moved,) = other_server.requests
+    assert moved.method == "POST" and moved.body == body and moved.path == "/hook?x=1"
+    assert moved.headers["webhook-id"] == "msg_test"
+    # another origin (port): credentials stay behind, as browsers and httpx do
+    assert "authorization" not in moved.headers
+    assert webhook_server.requests[0].headers["authorization"] == SECRET_HEADER
+
+
+async def test_same_origin_redirect_keeps_credentials(
+    redirecting_client: WebhookClient, webhook_server: WebhookServer
+) -> None:
+    webhook_server.behave(RCPT, [Step(308, headers={"Location": "/moved"}), Step(200)])
+    url = webhook_server.base_url + "/start"
+    outcome = await redirecting_client.deliver(route(url), request(url))
+    assert outcome.reply.code == 250
+    assert [r.path for r in webhook_server.requests] == ["/start", "/moved"]
+    assert webhook_server.requests[1].headers["authorization"] == SECRET_HEADER
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+async def test_redirects_that_turn_post_into_get_are_never_followed(
+    redirecting_client: WebhookClient,
+    webhook_server: WebhookServer,
+    other_server: WebhookServer,
+    status: int,
+) -> None:
+    webhook_server.behave(RCPT, status=status, headers={"Location": other_server.url})
+    outcome = await redirecting_client.deliver(
+        route(webhook_server.url), request(webhook_server.url)
+    )
+    assert (outcome.reply.code, outcome.reply.status) == (451, "4.3.0")
+    assert other_server.requests == []
+
+
+async def test_redirect_loops_and_downgrades_are_refused(
+    redirecting_client: WebhookClient, webhook_server: WebhookServer
+) -> None:
+    webhook_server.behave(RCPT, status=307, headers={"Location": webhook_server.url})
+    outcome = await redirecting_client.deliver(
+        route(webhook_server.url, retries=0), request(webhook_server.url)
+    )
+    assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: more than 2 redirects"
+    assert len(webhook_server.requests) == 3
+
+
+async def test_redirect_from_https_to_http_is_refused(
+    tls_server: WebhookServer, ca_file: str
+) -> None:
+    tls_server.behave(RCPT, status=307, headers={"Location": "http://127.0.0.1:9/hook"})
+    async with open_webhook_client(verify=ca_file, follow_redirects=True) as opened:
+        outcome = await opened.deliver(route(tls_server.url, retries=0), request(tls_server.url))
+    assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: to a http URL"
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> str:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return str(path)
+
+
+def server_context(ca: trustme.CA, *, require_client_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(context)
+    if require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+        ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+def tls_server(ca: trustme.CA) -> Iterator[WebhookServer]:
+    with WebhookServer(tls=server_context(ca, require_client_cert=False)) as server:
+        yield server
+
+
+@pytest.fixture
+def mtls_server(ca: trustme.CA) -> Iterator[WebhookServer]:
+    with WebhookServer(tls=server_context(ca, require_client_cert=True)) as server:
+        yield server
+
+
+async def test_tls_is_verified_by_default(client: WebhookClient, tls_server: WebhookServer) -> None:
+    # trustme's CA is in no system bundle: the default client must refuse the certificate
+    outcome = await client.deliver(route(tls_server.url), request(tls_server.url))
+    assert (outcome.reply.code, outcome.reply.status, outcome.error) == (451, "4.4.1", "tls")
+    assert tls_server.requests == []
+
+
+async def test_custom_ca_bundle(tls_server: WebhookServer, ca_file: str) -> None:
+    async with open_webhook_client(verify=ca_file) as opened:
+        outcome = await opened.deliver(route(tls_server.url), request(tls_server.url))
+    assert outcome.reply.code == 250
+
+
+async def test_client_certificate_mtls(
+    ca: trustme.CA, mtls_server: WebhookServer, ca_file: str, tmp_path: Path
+) -> None:
+    cert = ca.issue_cert("bridge.example.org")
+    combined = tmp_path / "client.pem"  # key and chain in one file
+    cert.private_key_and_cert_chain_pem.write_to_path(str(combined))
+    async with open_webhook_client(verify=ca_file, client_cert=str(combined)) as opened:
+        outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
+    assert outcome.reply.code == 250
+    subject_alt_names = mtls_server.peer_certs[-1]["subjectAltName"]
+    assert ("DNS", "bridge.example.org") in subject_alt_names
+
+    # the same with the key in a file of its own
+    key, chain = tmp_path / "client.key", tmp_path / "client.crt"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    async with open_webhook_client(
+        verify=ca_file, client_cert=str(chain), client_key=str(key)
+    ) as opened:
+        outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
+    assert outcome.reply.code == 250
+
+
+async def test_without_a_client_certificate_mtls_fails_retryably(
+    mtls_server: WebhookServer, ca_file: str
+) -> None:
+    async with open_webhook_client(verify=ca_file) as opened:
+        outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
+    assert outcome.reply.code == 451 and outcome.error in ("tls", "reset")
+    assert mtls_server.requests == []
+
+
+# --- proxies from the environment -------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy_env(monkeypatch: pytest.MonkeyPatch, other_server: WebhookServer) -> WebhookServer:
+    """HTTP_PROXY points at ``other_server``, which records what a proxy would be asked."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", other_server.base_url)
+    monkeypatch.setenv("http_proxy", other_server.base_url)
+    return other_server
+
+
+async def test_proxy_environment_ignored_unless_enabled(
+    proxy_env: WebhookServer, webhook_server: WebhookServer
+) -> None:
+    async with open_webhook_client() as opened:
+        outcome = await opened.deliver(route(webhook_server.url), request(webhook_server.url))
+    assert outcome.reply.code == 250
+    assert len(webhook_server.requests) == 1 and proxy_env.requests == []
+
+
+async def test_proxy_environment_used_when_enabled(
+    proxy_env: WebhookServer, webhook_server: WebhookServer
+) -> None:
+    async with open_webhook_client(trust_env=True) as opened:
+        outcome = await opened.deliver(route(webhook_server.url), request(webhook_server.url))
+    assert outcome.reply.code == 250
+    assert webhook_server.requests == []
+    (proxied,) = proxy_env.requests
+    assert proxied.path == webhook_server.url  # the absolute form a proxy is asked for
+
+
+# --- secrets ------------------------------------------------------------------------------
+
+
+async def test_secrets_never_in_reprs_or_logs(
+    webhook_server: WebhookServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    routed = Route(
+        name="s",
+        url=webhook_server.url,
+        secrets=(secret,),
+        headers={"Authorization": SECRET_HEADER},
+        retries=1,
+    )
+    assert secret not in repr(routed) and SECRET_HEADER not in repr(routed)
+    webhook_server.behave(RCPT, [Step(503), Step(200)])
+    with caplog.at_level(logging.DEBUG):
+        async with open_webhook_client() as opened:
+            outcome = await opened.deliver(routed, request(webhook_server.url))
+    assert outcome.reply.code == 250
+    text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert caplog.records and secret not in text and "s3cr3t" not in text
