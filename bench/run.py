@@ -19,6 +19,7 @@ apart) and timing the final dot -> last reply. It loads every server alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -173,10 +174,8 @@ class Server:
 
     def reset_peak(self) -> None:
         for pid in self.pids():
-            try:
+            with contextlib.suppress(OSError):
                 Path(f"/proc/{pid}/clear_refs").write_text("5")
-            except OSError:
-                pass
 
     def rss_kib(self) -> int:
         return self._status("VmRSS:")
@@ -217,9 +216,9 @@ def peer_server(sink: Sink) -> Server:
 
 def message(size: int) -> bytes:
     head = (
-        "From: <bench-sender@example.com>\r\nTo: <rcpt@example.com>\r\n"
-        "Subject: latency probe\r\nMessage-ID: <probe@bench.example>\r\n\r\n"
-    ).encode()
+        b"From: <bench-sender@example.com>\r\nTo: <rcpt@example.com>\r\n"
+        b"Subject: latency probe\r\nMessage-ID: <probe@bench.example>\r\n\r\n"
+    )
     line = b"x" * 78 + b"\r\n"
     return head + line * (size // len(line) + 1)
 
@@ -340,7 +339,7 @@ def report(results: list[Result], workloads: str, labels: list[str]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for wl in workloads:
-        sessions, count, rcpts, size = WORKLOADS[wl]
+        _sessions, count, rcpts, _size = WORKLOADS[wl]
         for label in labels:
             rows = [r for r in results if r.label == label and r.workload == wl]
             if not rows:
@@ -355,7 +354,7 @@ def report(results: list[Result], workloads: str, labels: list[str]) -> str:
                 if label != "peer" and i < len(peers):
                     ratios.append(r.deliveries / peers[i].deliveries)
             ratio = (
-                f"**{statistics.median(ratios):.2f}×** ({' '.join(f'{x:.2f}' for x in ratios)})"
+                f"**{statistics.median(ratios):.2f}x** ({' '.join(f'{x:.2f}' for x in ratios)})"
                 if ratios
                 else "-"
             )
@@ -383,7 +382,9 @@ def main() -> int:
     args = ap.parse_args()
     for tool in (SMTP_SOURCE, shutil.which("nginx") or "/usr/sbin/nginx", str(BRIDGE)):
         if not os.path.exists(tool):
-            print(f"missing {tool}: run bench/setup.sh (and ./test.sh for the venv)", file=sys.stderr)
+            print(
+                f"missing {tool}: run bench/setup.sh (and ./test.sh for the venv)", file=sys.stderr
+            )
             return 2
     labels = args.servers.split(",")
     results: list[Result] = []

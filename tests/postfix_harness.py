@@ -55,9 +55,7 @@ showq     unix  n       -       n       -       -       showq
 error     unix  -       -       n       -       -       error
 retry     unix  -       -       n       -       -       error
 discard   unix  -       -       n       -       -       discard
-lmtp      unix  -       -       n       -       -       lmtp
-  -o lmtp_tls_security_level=none
-  -o flags=X
+lmtp      unix  -       -       n       -       -       lmtp flags=X
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
@@ -171,6 +169,9 @@ class PrivatePostfix:
             directory.mkdir()
         shutil.chown(self.data_dir, "postfix")
         (self.config_dir / "master.cf").write_text(MASTER_CF)
+        # messages with a header "X-Hold: yes" wait in the hold queue until release()
+        (self.config_dir / "header_checks").write_text("/^X-Hold: yes$/ HOLD held for the test\n")
+        self.settings.setdefault("header_checks", f"regexp:{self.config_dir}/header_checks")
         self._write_main_cf()
 
     def _write_main_cf(self) -> None:
@@ -259,6 +260,10 @@ class PrivatePostfix:
             *rcpts,
             input=message,
         )
+
+    def release(self) -> None:
+        """``postsuper -H ALL``: let held messages (header ``X-Hold: yes``) go, all at once."""
+        self._run("postsuper", "-c", str(self.config_dir), "-H", "ALL")
 
     def flush(self) -> None:
         """``postqueue -f``: try every deferred message now."""
