@@ -198,6 +198,7 @@ class PrivatePostfix:
     def start(self) -> PrivatePostfix:
         self._run("postfix", "-c", str(self.config_dir), "start")
         self.started = True
+        self._start_watchdog()
         wait_until(
             lambda: "daemon started" in self.log(), 30, "Postfix's master to start", self._log_tail
         )
@@ -210,7 +211,28 @@ class PrivatePostfix:
         if self.started:
             self._run("postfix", "-c", str(self.config_dir), "reload")
 
+    def _start_watchdog(self) -> None:
+        """Postfix's master is a daemon: if this process dies without stop() (killed by a
+        timeout, say), a watchdog in its own session stops Postfix and removes the directory."""
+        marker = self.root / "running"
+        marker.touch()
+        script = (
+            'while kill -0 "$1" 2>/dev/null && [ -e "$2/running" ]; do sleep 1; done; '
+            '[ -e "$2/running" ] || exit 0; '
+            f'{postfix_tool("postfix")} -c "$2/etc" stop >/dev/null 2>&1; sleep 5; '
+            '[ "$3" = keep ] || rm -rf "$2"'
+        )
+        subprocess.Popen(
+            ["sh", "-c", script, "postfix-watchdog", str(os.getpid()), str(self.root),
+             "keep" if self.keep else "remove"],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
     def stop(self) -> None:
+        (self.root / "running").unlink(missing_ok=True)  # the watchdog leaves quietly
         if self.started:
             self.started = False
             with contextlib.suppress(PostfixError, subprocess.TimeoutExpired):
