@@ -460,15 +460,16 @@ class Settings(BaseSettings):
     )
 
     # --- protocol depth and hostile input ---
+    tls_key_file: Annotated[
+        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
+    ] = Field(default=None, description="PEM private key of tls_cert_file, if separate.")
     tls_cert_file: Annotated[
         str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
     ] = Field(
         default=None,
+        validate_default=True,
         description="PEM certificate chain for STARTTLS (may hold the key); unset: no STARTTLS.",
     )
-    tls_key_file: Annotated[
-        str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)
-    ] = Field(default=None, description="PEM private key of tls_cert_file, if separate.")
     reply_buffer_size: int = Field(
         default=1048576,
         ge=4096,
@@ -476,11 +477,17 @@ class Settings(BaseSettings):
         "past it the session reads no more input until the client reads.",
     )
 
-    @field_validator("tls_key_file")
+    @field_validator("tls_cert_file")
     @classmethod
-    def _key_needs_cert(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and not info.data.get("tls_cert_file"):
-            raise ValueError("tls_key_file needs tls_cert_file")
+    def _usable_certificate(cls, value: str | None, info: ValidationInfo) -> str | None:
+        key = info.data.get("tls_key_file")
+        if value is None:
+            if key:
+                raise ValueError("required when tls_key_file is set")
+            return value
+        from bridge.tls import server_context  # loads the chain: a bad file stops start-up
+
+        server_context(value, key)
         return value
 
     @classmethod

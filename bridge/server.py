@@ -279,6 +279,7 @@ class Session:
     async def _on_message_end(self, event: MessageEnd) -> None:
         message = self._message
         assert message is not None and self._mail is not None
+        self._queue_output()  # replies to the commands before the dot go out while we deliver
         try:
             if event.error is not None:
                 metrics.RECIPIENTS.labels("rejected").inc(len(self._recipients))

@@ -161,10 +161,12 @@ async def test_X15_failed_handshake_ends_only_that_session(
 def test_X15_tls_key_without_certificate_is_a_config_error(certificate: tuple[str, str]) -> None:
     from bridge.config import ConfigError, load_settings
 
-    with pytest.raises(ConfigError, match="tls_key_file"):
+    with pytest.raises(ConfigError, match="tls_cert_file: required when tls_key_file is set"):
         load_settings(overrides={"tls_key_file": certificate[1]}, environ={})
     with pytest.raises(ConfigError, match="tls_cert_file"):
         load_settings(overrides={"tls_cert_file": "/nonexistent/cert.pem"}, environ={})
+    with pytest.raises(ConfigError, match="cannot load the TLS certificate"):
+        load_settings(overrides={"tls_cert_file": __file__}, environ={})  # not PEM
 
 
 # ---------------------------------------------------------------------------- real peers
