@@ -462,16 +462,29 @@ class _ChaosHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts: list[bytes] = []
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return b"".join(parts)
+        return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
     def do_POST(self) -> None:
         owner = self.server.owner
-        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         try:
-            payload = json.loads(body)
+            payload = json.loads(self._read_body())
             rcpt = payload["envelope"]["rcpt_to"]
             mail_from = payload["envelope"]["mail_from"]
             message_id = (payload["message"].get("message_id") or "").strip("<>")
-        except (ValueError, KeyError, TypeError):
-            rcpt = mail_from = message_id = ""
+        except (ValueError, KeyError, TypeError, OSError):
+            # cut short (a killed bridge): nobody waits for an answer; count it, drop it
+            owner.incomplete += 1
+            self.close_connection = True
+            return
         status = owner.choose()
         owner.record(
             Hit(
@@ -515,6 +528,7 @@ class ChaosWebhook:
         self._random = random.Random(self.seed)
         self._lock = threading.Lock()
         self.hits: list[Hit] = []
+        self.incomplete = 0  # requests whose body was cut short
         self._httpd = _ChaosServer(("127.0.0.1", 0), _ChaosHandler)
         self._httpd.owner = self
         self._thread = threading.Thread(

@@ -161,7 +161,8 @@ def test_chaos_kill_and_flaky_webhook_lose_nothing_and_bounce_nothing() -> None:
     print(
         f"\nchaos (seed {SEED}): {MESSAGES} messages, {len(expected)} recipients-copies in "
         f"{elapsed:.0f} s; bridge SIGKILLed {chaos.kills} times; webhook requests {len(hits)} "
-        f"(2xx {answers[200]}, 503 {answers[503]}, reset {answers[0]}); "
+        f"(2xx {answers[200]}, 503 {answers[503]}, reset {answers[0]}, cut short by a kill "
+        f"{webhook.incomplete}); "
         f"pairs delivered 2xx more than once (duplicates) {duplicates}; Postfix deferrals "
         f"{statuses['deferred']}; longest delay injection -> first 2xx {longest:.1f} s"
     )
