@@ -82,9 +82,15 @@ class Deliverer:
                 slots[recipient.address] = len(unique)
                 unique.append(recipient)
             order.append(slots[recipient.address])
+        parsed = await self._parse_if_needed(txn)
+        if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
+            reply = await self._deliver_one(txn, unique[0], parsed)
+            counter = metrics.RECIPIENTS.labels(_result(reply))
+            counter.inc(len(order))
+            await emit([reply] * len(order))
+            return
         results: list[Reply | None] = [None] * len(unique)
         done = [trio.Event() for _ in unique]
-        parsed = await self._parse_if_needed(txn)
 
         async def one(i: int) -> None:
             try:
@@ -135,6 +141,9 @@ class Deliverer:
                 "delivery failed inside the bridge", extra={"fields": {"delivery_id": did}}
             )
             reply = INTERNAL_ERROR
+        level = logging.INFO if reply.is_success else logging.WARNING
+        if not log.isEnabledFor(level):  # one line per recipient: built only when written
+            return reply
         fields: dict[str, Any] = {
             "delivery_id": did,
             "route": route.name,
@@ -147,7 +156,6 @@ class Deliverer:
         if self._log_addresses or log.isEnabledFor(logging.DEBUG):
             fields["mail_from"] = txn.envelope.mail_from
             fields["rcpt_to"] = recipient.address
-        level = logging.INFO if reply.is_success else logging.WARNING
         log_event(log, level, f"recipient {_result(reply)}", **fields)
         return reply
 

@@ -650,3 +650,13 @@ def test_server_stops_promptly_with_a_hanging_request() -> None:
     caller.join(timeout=5)
     assert not caller.is_alive()
     assert failures  # the hanging request was dropped, never answered
+
+
+async def test_a_cookie_set_by_the_webhook_is_never_sent_with_a_later_delivery(
+    client: WebhookClient, webhook_server: WebhookServer
+) -> None:
+    webhook_server.behave("*", status=200, headers={"Set-Cookie": "session=abc; Path=/"})
+    for _ in range(2):
+        assert (await deliver(client, webhook_server)).reply.code == 250
+    # the bridge keeps no state between deliveries, cookies included
+    assert [r.headers.get("cookie") for r in webhook_server.requests] == [None, None]
