@@ -343,14 +343,16 @@ def envelope_object(
 def trace_header_bytes(
     envelope: Envelope, recipient: Recipient, delivery_id: str, hostname: str
 ) -> bytes:
-    """``Return-Path``, ``Delivered-To`` and ``Received`` (RFC 3848 "with LMTP"), CRLF-ended."""
+    """``Return-Path``, ``Delivered-To`` and ``Received`` (RFC 3848 "with LMTP", or "with
+    LMTPS" after STARTTLS), CRLF-ended."""
     short_id = delivery_id.removeprefix("msg_")[:16]
     date = email.utils.format_datetime(_received_at(envelope))
     lines = [
         f"Return-Path: <{_one_line(envelope.mail_from)}>",
         f"Delivered-To: {_one_line(recipient.address)}",
         f"Received: from {_one_line(envelope.lhlo)} ({_address_literal(envelope.client_address)})"
-        f"\r\n\tby {_one_line(hostname)} with LMTP id {short_id}; {date}",
+        f"\r\n\tby {_one_line(hostname)} with {'LMTPS' if envelope.tls else 'LMTP'} id {short_id};"
+        f" {date}",
     ]
     return b"".join(_utf8(line) + b"\r\n" for line in lines)
 

@@ -309,6 +309,7 @@ class Session:
             size=mail.size,
             xforward=dict(self.conn.xforward),
             received_at=datetime.now(UTC),
+            tls=isinstance(self.stream, trio.SSLStream),
         )
 
     async def _emit(self, replies: Sequence[Reply]) -> None:

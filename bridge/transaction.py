@@ -28,6 +28,7 @@ class Envelope:
     size: int | None  # SIZE= parameter as declared by the client
     xforward: dict[str, str] = field(default_factory=dict)  # keys lower case: name, addr, ...
     received_at: datetime | None = None
+    tls: bool = False  # the session ran STARTTLS before this transaction
 
 
 @dataclass(frozen=True, slots=True)

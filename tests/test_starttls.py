@@ -128,6 +128,27 @@ async def test_X15_bridge_discards_injected_plaintext_and_delivers_inside_tls(
     assert webhook_server.requests[0].json()["envelope"]["mail_from"] == "alice@example.org"
 
 
+async def test_S28_received_says_lmtps_after_starttls_and_lmtp_without(
+    start_bridge: StartBridge, webhook_server: WebhookServer, certificate: tuple[str, str]
+) -> None:
+    cert, key = certificate
+    running = await start_bridge(tls_cert_file=cert, tls_key_file=key, payload="raw")
+    with trio.fail_after(10):
+        for use_tls in (True, False):
+            client = await AsyncLmtp.connect(running.lmtp_addresses[0])
+            await client.greet()
+            if use_tls:
+                assert (await client.command("STARTTLS")).code == 220
+                client = await start_tls(client, cert)
+                assert (await client.command("LHLO client.test")).code == 250  # no new greeting
+            await client.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n")
+            assert [(await client.reply()).code for _ in range(3)] == [250, 250, 354]
+            await client.send(data_section(message()) + b"QUIT\r\n")
+            assert [r.code for r in await client.rest_until_eof()] == [250, 221]
+    received = [r.body.split(b"\r\n\r\n")[0] for r in webhook_server.requests]
+    assert b" with LMTPS id " in received[0] and b" with LMTP id " in received[1]
+
+
 async def test_X15_tls_is_never_required(
     start_bridge: StartBridge, webhook_server: WebhookServer, certificate: tuple[str, str]
 ) -> None:
