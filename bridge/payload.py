@@ -22,6 +22,7 @@ import base64
 import codecs
 import email.utils
 import functools
+import importlib
 import ipaddress
 import json
 import re
@@ -31,9 +32,9 @@ import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.feedparser import BytesFeedParser
 from email.headerregistry import HeaderRegistry
 from email.message import Message
-from email.parser import BytesParser
 from email.policy import EmailPolicy
 from typing import Any
 
@@ -45,6 +46,14 @@ PAYLOAD_KINDS = ("json", "raw", "multipart")
 JSON_VERSION = 1
 # Deeper MIME nesting than this is not looked into (it is still in "raw" and in the defects).
 MAX_MIME_DEPTH = 50
+# Memory: the parser is fed this many bytes at a time (never the whole message as one str);
+# str values longer than _BIG_STR characters are JSON-escaped _SLICE characters at a time into
+# separate body chunks; attachment content is base64-encoded _B64_SLICE bytes at a time, each
+# time the body is sent (cheap), so only the decoded bytes stay in memory.
+_FEED = 64 * 1024
+_BIG_STR = 64 * 1024
+_SLICE = 256 * 1024
+_B64_SLICE = 3 * 256 * 1024
 
 # Everything printable stays readable except "%" itself, so the encoding can be undone.
 _HEADER_SAFE = "".join(c for c in string.punctuation if c != "%")
@@ -74,6 +83,8 @@ _CHARSET_ALIASES = {
     "macintosh": "mac-roman",
     "utf8": "utf-8",
 }
+# The stdlib's own base64 body decoder (what Message.get_payload(decode=True) calls); no stub.
+_decode_b = importlib.import_module("email._encoded_words").decode_b
 _UNDECLARED = frozenset({"us-ascii", "ascii", "unknown-8bit", "x-unknown", "unknown", "default"})
 
 
@@ -140,6 +151,41 @@ class WebhookBody:
     length: int  # total bytes
 
 
+class _Lazy:
+    """A body piece made on demand, each time the body is sent: ``length`` bytes."""
+
+    __slots__ = ("length", "make")
+
+    def __init__(self, length: int, make: Callable[[], Iterable[bytes]]) -> None:
+        self.length = length
+        self.make = make
+
+
+_Piece = bytes | _Lazy
+
+
+def _b64_length(size: int) -> int:
+    return 4 * ((size + 2) // 3)
+
+
+def _b64_chunks(data: bytes | memoryview) -> Iterator[bytes]:
+    view = memoryview(data)
+    for i in range(0, len(view), _B64_SLICE):
+        yield base64.b64encode(view[i : i + _B64_SLICE])
+
+
+def _b64_stream(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """base64 of the concatenated chunks, the same bytes as one b64encode() of the whole."""
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk if carry else chunk
+        cut = len(data) - len(data) % 3
+        carry = data[cut:]
+        yield from _b64_chunks(memoryview(data)[:cut])
+    if carry:
+        yield base64.b64encode(carry)
+
+
 @dataclass(frozen=True)
 class Attachment:
     """A MIME part that is not the message's text or HTML body."""
@@ -177,9 +223,10 @@ class ParsedMessage:
         self.fields = fields
         self.attachments = attachments
         self.defects = defects
-        self._json: dict[bool, bytes] = {}
+        # The message object as pieces; an int k stands for ',"content":"<base64>"' of
+        # attachment k (left out of the variant without content).
+        self._template: list[bytes | int] | None = None
         self._defects_json: bytes | None = None
-        self._raw_json: bytes | None = None
 
     @classmethod
     def parse(cls, data: bytes, trusted_authserv_ids: Iterable[str] = ()) -> ParsedMessage:
@@ -201,7 +248,12 @@ class ParsedMessage:
 
     @classmethod
     def _parse(cls, data: bytes, trusted_authserv_ids: tuple[str, ...]) -> ParsedMessage:
-        msg = BytesParser(policy=_POLICY).parsebytes(data)
+        # As BytesParser.parsebytes(), which first decodes the whole message into one str.
+        parser = BytesFeedParser(policy=_POLICY)
+        view = memoryview(data)
+        for i in range(0, len(view), _FEED):
+            parser.feed(bytes(view[i : i + _FEED]))
+        msg = parser.close()
         defects = _Defects()
         defects.add_all("message", msg.defects)
         headers = _parsed_headers(msg)
@@ -237,40 +289,94 @@ class ParsedMessage:
         return cls(fields, attachments, defects.items)
 
     def message_json(self, with_content: bool = True) -> bytes:
-        """The serialised ``message`` object (computed once per variant)."""
-        cached = self._json.get(with_content)
-        if cached is None:
-            cached = self._json[with_content] = self._message_json(with_content)
-        return cached
+        """The serialised ``message`` object, joined (the body uses ``message_pieces``)."""
+        return b"".join(_expand(self.message_pieces(with_content)))
 
-    def _message_json(self, with_content: bool) -> bytes:
-        # The same bytes as _dumps() of the whole object, but attachment content goes in as
-        # base64 bytes, spliced: never as one big str (and its UTF-8 copy) beside the bytes.
-        fields = {k: v for k, v in self.fields.items() if k != "attachments"}
-        head, *described = _dumps_all([fields, *(a.describe(False) for a in self.attachments)])
-        pieces = [head[:-1], b',"attachments":[' if fields else b'"attachments":[']
-        for i, (attachment, one) in enumerate(zip(self.attachments, described, strict=True)):
-            if i:
-                pieces.append(b",")
-            if with_content:  # "content" is the last key of Attachment.describe()
-                content = base64.b64encode(attachment.content)
-                pieces += [one[:-1], b',"content":"', content, b'"}']
-            else:
-                pieces.append(one)
-        pieces.append(b"]}")
-        return b"".join(pieces)
+    def message_pieces(self, with_content: bool = True) -> list[_Piece]:
+        """The ``message`` object as body pieces: the same bytes as _dumps() of it whole."""
+        if self._template is None:
+            self._template = self._build_template()
+        out: list[_Piece] = []
+        for item in self._template:
+            if isinstance(item, bytes):
+                out.append(item)
+            elif with_content:
+                content = self.attachments[item].content
+                out += [
+                    b',"content":"',
+                    _Lazy(_b64_length(len(content)), functools.partial(_b64_chunks, content)),
+                    b'"',
+                ]
+        return out
+
+    def _build_template(self) -> list[bytes | int]:
+        # Big str values and the attachments' content are dumped as placeholders, then put
+        # in as their own pieces: never one big JSON str and its UTF-8 copy beside them.
+        token = "lmtp-bridge-" + secrets.token_hex(12)
+        big: list[str] = []
+
+        def slot(value: Any) -> Any:
+            if isinstance(value, str) and len(value) > _BIG_STR:
+                big.append(value)
+                return f"{token}s{len(big) - 1}"
+            return value
+
+        obj = {k: slot(v) for k, v in self.fields.items() if k != "attachments"}
+        described = []
+        for i, attachment in enumerate(self.attachments):
+            one = attachment.describe(False)
+            one["text"] = slot(one["text"])
+            one["content"] = f"{token}c{i}"  # "content" is the last key of describe(True)
+            described.append(one)
+        obj["attachments"] = described
+        for ensure_ascii in (False, True):
+            try:
+                return _splice(obj, big, token, ensure_ascii)
+            except UnicodeEncodeError:  # a lone surrogate: \u-escapes keep the JSON valid
+                continue
+        raise AssertionError("unreachable")
 
     def defects_json(self) -> bytes:
         if self._defects_json is None:
             self._defects_json = _dumps(self.defects)
         return self._defects_json
 
+    def raw_pieces(self, message: MessageBuffer) -> list[_Piece]:
+        """The whole message as a base64 JSON string, encoded as it is sent."""
+        encoded = _Lazy(_b64_length(message.size), lambda: _b64_stream(message.iter_chunks()))
+        return [b'"', encoded, b'"']
+
     def raw_json(self, message: MessageBuffer) -> bytes:
         """The whole message as a base64 JSON string; ``message`` is the one that was parsed."""
-        if self._raw_json is None:
-            encoded = base64.b64encode(message.getvalue())
-            self._raw_json = b'"' + encoded + b'"'
-        return self._raw_json
+        return b"".join(_expand(self.raw_pieces(message)))
+
+
+def _splice(obj: Any, big: list[str], token: str, ensure_ascii: bool) -> list[bytes | int]:
+    text = json.dumps(obj, ensure_ascii=ensure_ascii, separators=(",", ":"))
+    parts = re.split(f',"content":"{token}c(\\d+)"|"{token}s(\\d+)"', text)
+    out: list[bytes | int] = []
+    for n, part in enumerate(parts):
+        kind = n % 3
+        if kind == 0:
+            out.append(part.encode("utf-8"))
+        elif kind == 1 and part is not None:
+            out.append(int(part))
+        elif kind == 2 and part is not None:
+            value = big[int(part)]
+            out.append(b'"')
+            for i in range(0, len(value), _SLICE):
+                piece = json.dumps(value[i : i + _SLICE], ensure_ascii=ensure_ascii)
+                out.append(piece[1:-1].encode("utf-8"))
+            out.append(b'"')
+    return out
+
+
+def _expand(pieces: Iterable[_Piece]) -> Iterator[bytes]:
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            yield piece
+        else:
+            yield from piece.make()
 
 
 def build_body(
@@ -295,18 +401,18 @@ def build_body(
         parsed = ParsedMessage.from_buffer(message)
     env = envelope_object(envelope, recipient, message, delimiter)
     if kind == "json":
-        pieces = [
+        pieces: list[_Piece] = [
             b'{"version":%d,"delivery_id":' % JSON_VERSION,
             _dumps(delivery_id),
             b',"envelope":',
             _dumps(env),
             b',"message":',
-            parsed.message_json(with_content=True),
+            *parsed.message_pieces(with_content=True),
             b',"defects":',
             parsed.defects_json(),
         ]
         if include_raw:
-            pieces += [b',"raw":', parsed.raw_json(message)]
+            pieces += [b',"raw":', *parsed.raw_pieces(message)]
         pieces.append(b"}")
         return _body("application/json", [], pieces)
     return _multipart_body(env, parsed)
@@ -365,13 +471,13 @@ def quote_header(value: str) -> str:
 # --- bodies ---------------------------------------------------------------------------
 
 
-def _body(content_type: str, headers: list[tuple[str, str]], pieces: list[bytes]) -> WebhookBody:
-    frozen = tuple(pieces)
+def _body(content_type: str, headers: list[tuple[str, str]], pieces: list[_Piece]) -> WebhookBody:
+    frozen = tuple(p for p in pieces if not isinstance(p, bytes) or p)
     return WebhookBody(
         content_type=content_type,
         headers=headers,
-        chunks=lambda: iter(frozen),
-        length=sum(len(p) for p in frozen),
+        chunks=lambda: _expand(frozen),
+        length=sum(len(p) if isinstance(p, bytes) else p.length for p in frozen),
     )
 
 
@@ -401,21 +507,23 @@ def _raw_body(
 def _multipart_body(env: dict[str, Any], parsed: ParsedMessage) -> WebhookBody:
     boundary = "lmtp-bridge-" + secrets.token_hex(16)
     delimiter = f"--{boundary}\r\n".encode("ascii")
-    pieces: list[bytes] = []
+    pieces: list[_Piece] = []
 
-    def field(name: str, content_type: str, content: bytes, filename: str | None = None) -> None:
+    def field(
+        name: str, content_type: str, content: list[_Piece], filename: str | None = None
+    ) -> None:
         disposition = f'form-data; name="{name}"'
         if filename is not None:
             disposition += f'; filename="{_form_quote(filename)}"'
         head = f"Content-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n"
-        pieces.extend((delimiter, _utf8(head), content, b"\r\n"))
+        pieces.extend((delimiter, _utf8(head), *content, b"\r\n"))
 
-    field("envelope", "application/json", _dumps(env))
-    field("message", "application/json", parsed.message_json(with_content=False))
-    field("defects", "application/json", parsed.defects_json())
+    field("envelope", "application/json", [_dumps(env)])
+    field("message", "application/json", parsed.message_pieces(with_content=False))
+    field("defects", "application/json", [parsed.defects_json()])
     for n, att in enumerate(parsed.attachments, start=1):
         name = f"attachment{n}"
-        field(name, att.content_type, att.content, att.filename or name)
+        field(name, att.content_type, [att.content], att.filename or name)
     pieces.append(f"--{boundary}--\r\n".encode("ascii"))
     return _body(f'multipart/form-data; boundary="{boundary}"', [], pieces)
 
@@ -538,6 +646,7 @@ def _take_part(
     disposition = part.get_content_disposition()
     filename = part.get_filename()
     content = _part_bytes(where, part, defects)
+    part.set_payload("")  # taken: its encoded text need not live as long as the tree
     defects.add_all(where, part.defects)
 
     maintype, _, subtype = ctype.partition("/")
@@ -547,8 +656,10 @@ def _take_part(
     key = "html" if subtype == "html" else "text"
     charset = _declared_charset(part)
     if is_text and is_body and fields[key] is None:
+        decoded = _decode_text(where, part, content, defects)
+        del content  # before the copy below: one big text fewer at the peak
         # MIME text travels with CRLF line ends; receivers expect newlines
-        fields[key] = _decode_text(where, part, content, defects).replace("\r\n", "\n")
+        fields[key] = decoded.replace("\r\n", "\n")
         fields[key + "_charset"] = charset
         return
     content_id = part.get("Content-ID")
@@ -578,11 +689,36 @@ def _part_bytes(where: str, part: Message, defects: _Defects) -> bytes:
                 if len(messages) == len(inner):
                     return b"".join(_as_bytes(m) for m in messages)
             return _as_bytes(part).partition(b"\r\n\r\n")[2]
-        payload = part.get_payload(decode=True)
+        payload = _decoded_payload(part)
         return payload if isinstance(payload, bytes) else b""
     except Exception as exc:
         defects.add(where, f"undecodable content ({type(exc).__name__}: {exc})")
         return b""
+
+
+def _decoded_payload(part: Message) -> Any:
+    """``part.get_payload(decode=True)``, the same bytes and defects, but a large ASCII body
+    costs one bytes copy at a time, not the stdlib's str copy, line list and joined lines."""
+    payload = getattr(part, "_payload", None)
+    cte = str(part.get("content-transfer-encoding", "")).lower()
+    if (
+        not isinstance(payload, str)
+        or len(payload) <= _BIG_STR
+        or cte in ("quoted-printable", "x-uuencode", "uuencode", "uue", "x-uue")
+        or not payload.isascii()
+    ):
+        return part.get_payload(decode=True)
+    data = payload.encode("ascii")
+    del payload
+    part.set_payload("")  # the caller has no more use for the text
+    if cte != "base64":
+        return data
+    joined = data.translate(None, b"\r\n")  # == b"".join(data.splitlines()) for bytes
+    del data
+    value, defects = _decode_b(joined)
+    for defect in defects:
+        part.policy.handle_defect(part, defect)
+    return value
 
 
 def _as_bytes(msg: Message) -> bytes:
@@ -663,15 +799,6 @@ def _dumps(obj: Any) -> bytes:
     except UnicodeEncodeError:
         # A lone surrogate cannot be UTF-8; \u-escapes keep the JSON valid.
         return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
-
-
-def _dumps_all(objs: list[Any]) -> list[bytes]:
-    """_dumps() of each object, all escaped alike: pieces of one JSON text, byte for byte as
-    if it had been dumped whole."""
-    try:
-        return [json.dumps(o, ensure_ascii=False, separators=(",", ":")).encode() for o in objs]
-    except UnicodeEncodeError:
-        return [json.dumps(o, ensure_ascii=True, separators=(",", ":")).encode() for o in objs]
 
 
 def _utf8(text: str) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.payload import ParsedMessage, WebhookBody, build_body
+from bridge.payload import ParsedMessage, WebhookBody, build_body, envelope_object
 from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.transaction import Envelope, MessageBuffer, Recipient
@@ -604,3 +604,108 @@ a,b
     assert 'filename="na%22me ä.csv"'.encode() in data
     message = json.loads(payload_of(list(parse_form(first, data).iter_parts())[1]))
     assert message["attachments"][0]["filename"] == 'na"me ä.csv'
+
+
+# --- large messages: the body is spliced from pieces, byte for byte the simple dump ----------
+
+
+def _simple_dumps(obj: Any) -> bytes:
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def _simple_json_body(
+    parsed: ParsedMessage, buf: MessageBuffer, rcpt: str, include_raw: bool
+) -> bytes:
+    """The json body built the plain way: each section dumped whole."""
+    recipient = Recipient(address=rcpt, route=ROUTE)
+    message = dict(parsed.fields)
+    message["attachments"] = [a.describe(with_content=True) for a in parsed.attachments]
+    did = delivery_id(buf.digest(), rcpt)
+    out = b'{"version":1,"delivery_id":' + _simple_dumps(did)
+    out += b',"envelope":' + _simple_dumps(envelope_object(make_envelope(), recipient, buf))
+    out += b',"message":' + _simple_dumps(message)
+    out += b',"defects":' + _simple_dumps(parsed.defects)
+    if include_raw:
+        out += b',"raw":' + _simple_dumps(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out + b"}"
+
+
+def _large_message() -> bytes:
+    text = "".join(f'line {i}: ünïcödé "quoted" \\ tab\t 😀 €\n' for i in range(40_000))
+    msg = EmailMessage()
+    msg["From"] = "Zoë <zoe@example.org>"
+    msg["Subject"] = "large"
+    msg.set_content(text)
+    msg.add_alternative(f"<p>{text}</p>", subtype="html")
+    msg.add_attachment(
+        bytes(range(256)) * 8_000 + b"x",
+        maintype="application",
+        subtype="octet-stream",
+        filename="data.bin",
+    )
+    msg.add_attachment(text, subtype="plain", disposition="inline")
+    return msg.as_bytes()
+
+
+@pytest.mark.parametrize("include_raw", [False, True])
+@pytest.mark.parametrize("threshold", [1 << 24, 1 << 16])  # in memory, spooled
+def test_large_json_body_equals_the_simple_dump(include_raw: bool, threshold: int) -> None:
+    raw = _large_message()
+    buf = make_buffer(raw, threshold=threshold, piece=65_536)
+    parsed = ParsedMessage.parse(buf.getvalue())
+    assert parsed.fields["text"] and len(parsed.fields["text"]) > 1_000_000
+    assert len(parsed.attachments) == 2 and parsed.attachments[1].text
+    body, data = build("json", raw, buf=buf, parsed=parsed, include_raw=include_raw)
+    assert data == _simple_json_body(parsed, buf, "bob@example.net", include_raw)
+    # really spliced: no piece holds a whole big text or the whole base64 content
+    assert max(len(c) for c in body.chunks()) < 1_500_000
+    # the variant without content (multipart) is the same object minus "content"
+    message = json.loads(parsed.message_json(with_content=False))
+    for att in message["attachments"]:
+        assert "content" not in att
+    full = json.loads(parsed.message_json(with_content=True))
+    for att in full["attachments"]:
+        del att["content"]
+    assert full == message
+
+
+def test_large_text_with_a_lone_surrogate_is_escaped_alike_in_every_piece() -> None:
+    # A lone surrogate cannot be UTF-8: the whole message object falls back to \u-escapes.
+    big = "é😀 text\n" * 50_000 + "\udcff end"
+    fields = ParsedMessage.parse(b"Subject: x\r\n\r\nx").fields
+    fields["text"] = big
+    fields["html"] = "<b>é</b>" * 20_000
+    parsed = ParsedMessage(fields, [], [])
+    raw = b"Subject: x\r\n\r\nx"
+    buf = make_buffer(raw)
+    _, data = build("json", raw, buf=buf, parsed=parsed)
+    assert data == _simple_json_body(parsed, buf, "bob@example.net", False)
+    assert b"\\udcff" in data and b"\\u00e9" in data
+    assert json.loads(data)["message"]["text"] == big
+
+
+@pytest.mark.parametrize("tail", [b"", b"A", b"AB", b"!!*", b"ABCDE"])
+def test_large_base64_parts_decode_as_the_stdlib_does(tail: bytes) -> None:
+    # Large parts are decoded without the stdlib's copies: same bytes, same defects.
+    blob = bytes(range(256)) * 1_000
+    raw = (
+        b"Content-Type: multipart/mixed; boundary=q\r\n\r\n--q\r\n"
+        b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: BASE64\r\n\r\n"
+        + base64.encodebytes(blob).replace(b"\n", b"\r\n")
+        + tail
+        + b"\r\n--q\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: 7bit\r\n\r\n"
+        + b"plain text line\r\n" * 10_000
+        + b"--q--\r\n"
+    )
+    parsed = ParsedMessage.parse(raw)
+    reference = BytesParser(policy=policy.default).parsebytes(raw)
+    binary = reference.get_payload()[0]
+    assert parsed.attachments[0].content == binary.get_payload(decode=True)
+    assert parsed.fields["text"] == ("plain text line\n" * 10_000)[:-1]  # CRLF before "--q"
+    expected = [f"part 1: {type(d).__name__}" for d in binary.defects]
+    assert [d for d in parsed.defects if d.startswith("part 1:")] == expected
+    assert bool(expected) == (tail != b"")
