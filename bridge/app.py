@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import socket
-import ssl
 from dataclasses import dataclass, field
 
 import httpx
@@ -27,7 +26,7 @@ from bridge.policy import Breakers, init_policy_metrics
 from bridge.routing import build_router
 from bridge.server import LmtpServer, ServerOptions, open_tcp_listeners, open_unix_listener
 from bridge.tls import server_context
-from bridge.webhook import _tls_setting, open_webhook_client
+from bridge.webhook import open_webhook_client, tls_setting
 
 log = logging.getLogger("bridge")
 
@@ -69,17 +68,9 @@ def server_options(settings: Settings) -> ServerOptions:
 
 def webhook_transport(settings: Settings) -> httpx.AsyncBaseTransport | None:
     """The lean h11 transport unless httpx's own is asked for (or needed: proxies)."""
-    if settings.http_transport != "h11" or getattr(settings, "http_trust_env", False):
+    if settings.http_transport != "h11" or settings.http_trust_env:
         return None
-    verify = _tls_setting(settings.http_verify)
-    cert = getattr(settings, "http_client_cert", None)
-    if cert:
-        context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context()
-        if verify is False:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        context.load_cert_chain(cert, getattr(settings, "http_client_key", None))
-        verify = context
+    verify = tls_setting(settings.http_verify, settings.http_client_cert, settings.http_client_key)
     return H11Transport(verify=verify, max_connections=settings.http_max_connections)
 
 

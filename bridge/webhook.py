@@ -278,7 +278,7 @@ class _BodyStream:
         return piece
 
 
-def _tls_setting(
+def tls_setting(
     verify: bool | str,
     client_cert: str | None = None,
     client_key: str | None = None,
@@ -350,7 +350,7 @@ class WebhookClient:
                 max_connections=max_connections,
                 max_keepalive_connections=min(max_keepalive_connections, max_connections),
             ),
-            verify=_tls_setting(verify, client_cert, client_key, trust_env),
+            verify=tls_setting(verify, client_cert, client_key, trust_env),
             # Redirects are ours to follow (only 307/308, which keep the POST and its body):
             # httpx would turn a POST answered 301/302/303 into a GET and lose the message.
             follow_redirects=False,

@@ -238,6 +238,35 @@ async def test_client_certificate_mtls(
     assert outcome.reply.code == 250
 
 
+async def test_client_certificate_through_the_default_h11_transport(
+    ca: trustme.CA, mtls_server: WebhookServer, ca_file: str, tmp_path: Path
+) -> None:
+    # the bridge's default transport is bridge/h11transport.py, built from the settings
+    from bridge.app import webhook_transport
+    from bridge.config import load_settings
+    from bridge.h11transport import H11Transport
+
+    cert = ca.issue_cert("bridge.example.org")
+    key, chain = tmp_path / "client.key", tmp_path / "client.crt"
+    cert.private_key_pem.write_to_path(str(key))
+    cert.cert_chain_pems[0].write_to_path(str(chain))
+    settings = load_settings(
+        overrides={
+            "webhook_url": mtls_server.url,
+            "http_verify": ca_file,
+            "http_client_cert": str(chain),
+            "http_client_key": str(key),
+        },
+        environ={},
+    )
+    transport = webhook_transport(settings)
+    assert isinstance(transport, H11Transport)
+    async with open_webhook_client(transport=transport) as opened:
+        outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
+    assert outcome.reply.code == 250
+    assert ("DNS", "bridge.example.org") in mtls_server.peer_certs[-1]["subjectAltName"]
+
+
 async def test_without_a_client_certificate_mtls_fails_retryably(
     mtls_server: WebhookServer, ca_file: str
 ) -> None:

@@ -608,8 +608,8 @@ async def test_in_flight_gauge_while_waiting(
 def test_verify_accepts_a_ca_file() -> None:
     import certifi
 
-    assert isinstance(webhook._tls_setting(certifi.where()), ssl.SSLContext)
-    assert webhook._tls_setting(False) is False
+    assert isinstance(webhook.tls_setting(certifi.where()), ssl.SSLContext)
+    assert webhook.tls_setting(False) is False
 
 
 # --- the test server itself -------------------------------------------------------------------
