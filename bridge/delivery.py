@@ -85,8 +85,7 @@ class Deliverer:
         parsed = await self._parse_if_needed(txn)
         if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
             reply = await self._deliver_one(txn, unique[0], parsed)
-            counter = metrics.RECIPIENTS.labels(_result(reply))
-            counter.inc(len(order))
+            metrics.RECIPIENTS.labels(_result(reply)).inc(len(order))
             await emit([reply] * len(order))
             return
         results: list[Reply | None] = [None] * len(unique)

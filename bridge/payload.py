@@ -346,10 +346,6 @@ class ParsedMessage:
         encoded = _Lazy(_b64_length(message.size), lambda: _b64_stream(message.iter_chunks()))
         return [b'"', encoded, b'"']
 
-    def raw_json(self, message: MessageBuffer) -> bytes:
-        """The whole message as a base64 JSON string; ``message`` is the one that was parsed."""
-        return b"".join(_expand(self.raw_pieces(message)))
-
 
 def _splice(obj: Any, big: list[str], token: str, ensure_ascii: bool) -> list[bytes | int]:
     text = json.dumps(obj, ensure_ascii=ensure_ascii, separators=(",", ":"))
