@@ -12,6 +12,7 @@ import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import h11
@@ -56,6 +57,14 @@ def _timeouts(request: httpx.Request) -> dict[str, float | None]:
 
 def _deadline(seconds: float | None) -> float:
     return trio.current_time() + seconds if seconds is not None else float("inf")
+
+
+def _fail_at(deadline: float) -> AbstractContextManager[object]:
+    """``trio.fail_at(deadline)``, or nothing when the caller's own deadline comes first: our
+    timer could never fire, and a cancel scope costs more than the rest of a small write."""
+    if deadline >= trio.current_effective_deadline():
+        return contextlib.nullcontext()
+    return trio.fail_at(deadline)
 
 
 class H11Transport(httpx.AsyncBaseTransport):
@@ -153,10 +162,13 @@ class H11Transport(httpx.AsyncBaseTransport):
         origin: Origin = (scheme, url.host, url.port or (443 if scheme == "https" else 80))
         timeouts = _timeouts(request)
         try:
-            with trio.fail_after(timeouts.get("pool") or float("inf")):
-                await self._slots.acquire()
-        except trio.TooSlowError as exc:
-            raise httpx.PoolTimeout("no free connection in the pool") from exc
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                with _fail_at(_deadline(timeouts.get("pool") or None)):
+                    await self._slots.acquire()
+            except trio.TooSlowError as exc:
+                raise httpx.PoolTimeout("no free connection in the pool") from exc
         self._in_use += 1
         conn: _Connection | None = None
         try:
@@ -234,7 +246,7 @@ class H11Transport(httpx.AsyncBaseTransport):
         sock = conn.socket()
         if retry_safe and sock is not None and isinstance(conn.stream, trio.SocketStream):
             try:
-                with trio.fail_after(seconds or float("inf")):
+                with _fail_at(_deadline(seconds or None)):
                     sent = await sock.send(data)
             except trio.TooSlowError as exc:
                 raise httpx.WriteTimeout("timed out writing to the webhook") from exc
@@ -306,7 +318,7 @@ async def _body_start(request: httpx.Request) -> tuple[bytes, AsyncIterator[byte
 # httpx's timeouts are per phase, each with its own exception: hence the `seconds` arguments.
 async def _write(conn: _Connection, data: bytes, seconds: float | None) -> None:
     try:
-        with trio.fail_after(seconds or float("inf")):
+        with _fail_at(_deadline(seconds or None)):
             await conn.stream.send_all(data)
     except trio.TooSlowError as exc:
         raise httpx.WriteTimeout("timed out writing to the webhook") from exc
@@ -326,7 +338,7 @@ async def _next_event(conn: _Connection, seconds: float | None) -> h11.Event:
                 raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
             return event  # type: ignore[return-value]
         try:
-            with trio.fail_at(deadline):
+            with _fail_at(deadline):
                 data = await conn.stream.receive_some(RECEIVE_SIZE)
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout("timed out waiting for the webhook") from exc

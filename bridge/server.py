@@ -391,10 +391,29 @@ class Session:
 
     def _queue_output(self) -> None:
         data = self.conn.data_to_send()
-        if data:
-            _count_replies(data)
-            self._outbox += data
-            self._wake_writer.set()
+        if not data:
+            return
+        _count_replies(data)
+        if not self._outbox and not self._in_flight and not self._broken:
+            data = data[self._write_now(data) :]
+            if not data:
+                return
+        self._outbox += data
+        self._wake_writer.set()
+
+    def _write_now(self, data: bytes) -> int:
+        """How much of ``data`` the socket took at once, without waiting (0 on any error).
+
+        A lockstep client (the common case) so gets its reply without a switch to the writer
+        task; what the socket does not take, and every error, is left to the writer.
+        """
+        stream = self.stream
+        if type(stream) is not trio.SocketStream:  # TLS records are the writer's job
+            return 0
+        try:
+            return os.write(stream.socket.fileno(), data)  # the socket is non-blocking
+        except OSError:
+            return 0
 
     async def _writer(self, session_scope: trio.CancelScope) -> None:
         while True:
