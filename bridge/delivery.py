@@ -85,7 +85,7 @@ class Deliverer:
         parsed = await self._parse_if_needed(txn)
         if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
             reply = await self._deliver_one(txn, unique[0], parsed)
-            metrics.RECIPIENTS.labels(_result(reply)).inc(len(order))
+            metrics.child(metrics.RECIPIENTS, _result(reply)).inc(len(order))
             await emit([reply] * len(order))
             return
         results: list[Reply | None] = [None] * len(unique)
@@ -107,7 +107,7 @@ class Deliverer:
                 while sent < len(order) and done[order[sent]].is_set():
                     reply = results[order[sent]] or INTERNAL_ERROR
                     batch.append(reply)
-                    metrics.RECIPIENTS.labels(_result(reply)).inc()
+                    metrics.child(metrics.RECIPIENTS, _result(reply)).inc()
                     sent += 1
                 await emit(batch)
 

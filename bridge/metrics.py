@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 
@@ -90,6 +91,23 @@ COMMON_REPLY_CODES = (
     "554",
     "555",
 )
+
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+MAX_CACHED_CHILDREN = 4096
+
+
+def child(metric: _M, *values: str) -> _M:
+    """``metric.labels(*values)``, looked up once: the hot paths count every reply and every
+    request, and ``labels()`` validates and locks on each call."""
+    key = (metric, values)
+    found = _children.get(key)
+    if found is None:
+        if len(_children) >= MAX_CACHED_CHILDREN:  # label values can come from config: bounded
+            _children.clear()
+        found = _children[key] = metric.labels(*values)
+    return found
 
 
 def init_metrics(route_names: Iterable[str]) -> None:

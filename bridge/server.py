@@ -481,7 +481,7 @@ def _count_replies(data: bytes) -> None:
     """Count each reply by code: the last line of a reply has a space after its code."""
     for line in data.split(b"\r\n"):
         if line[3:4] == b" ":
-            metrics.REPLIES.labels(line[:3].decode("ascii", "replace")).inc()
+            metrics.child(metrics.REPLIES, line[:3].decode("ascii", "replace")).inc()
 
 
 def _peer_address(stream: trio.SocketStream) -> str:

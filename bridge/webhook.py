@@ -25,6 +25,7 @@ from bridge.metrics import (
     WEBHOOK_IN_FLIGHT,
     WEBHOOK_REQUESTS,
     WEBHOOK_RETRIES,
+    child,
     status_class,
 )
 from bridge.policy import RETRY_AFTER
@@ -395,15 +396,15 @@ class WebhookClient:
         )
 
     async def _attempt(self, route: Route, request: WebhookRequest, limit: float) -> _Attempt:
-        in_flight = WEBHOOK_IN_FLIGHT.labels(route.name)
+        in_flight = child(WEBHOOK_IN_FLIGHT, route.name)
         in_flight.inc()
         started = time.perf_counter()
         try:
             result = await self._attempt_unmetered(route, request, limit)
         finally:
             in_flight.dec()
-        WEBHOOK_DURATION.labels(route.name).observe(time.perf_counter() - started)
-        WEBHOOK_REQUESTS.labels(route.name, status_class(result.http_status)).inc()
+        child(WEBHOOK_DURATION, route.name).observe(time.perf_counter() - started)
+        child(WEBHOOK_REQUESTS, route.name, status_class(result.http_status)).inc()
         log.debug(
             "webhook attempt",
             extra={"route": route.name, "http_status": result.http_status, "error": result.error},

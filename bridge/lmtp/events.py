@@ -6,6 +6,7 @@ Every event is a small frozen dataclass; the server answers MAIL and RCPT with
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Final
@@ -26,6 +27,9 @@ class Reply:
         return (self.text,) if isinstance(self.text, str) else self.text
 
     def to_bytes(self) -> bytes:
+        return _wire(self)  # most replies are the same few constants: encoded once
+
+    def _encode(self) -> bytes:
         """The reply on the wire: CR, LF and other controls in the text become spaces, and
         every line is cut to 512 octets (RFC 5321 4.5.3.1.5), so text from a peer can never
         forge a reply line."""
@@ -52,6 +56,11 @@ class Reply:
 
     def __str__(self) -> str:
         return self.to_bytes().decode("utf-8", "replace").rstrip("\r\n")
+
+
+@functools.lru_cache(maxsize=512)
+def _wire(reply: Reply) -> bytes:
+    return reply._encode()
 
 
 class _NeedData:
