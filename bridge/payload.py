@@ -33,7 +33,14 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.feedparser import BytesFeedParser
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import (
+    Address,
+    AddressHeader,
+    DateHeader,
+    HeaderRegistry,
+    MessageIDHeader,
+    UnstructuredHeader,
+)
 from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
@@ -54,6 +61,7 @@ _FEED = 64 * 1024
 _BIG_STR = 64 * 1024
 _SLICE = 256 * 1024
 _B64_SLICE = 3 * 256 * 1024
+_CONTENT_KEY = ',"content":"'
 
 # Everything printable stays readable except "%" itself, so the encoding can be undone.
 _HEADER_SAFE = "".join(c for c in string.punctuation if c != "%")
@@ -97,7 +105,7 @@ class _MailPolicy(EmailPolicy):
 
     def header_source_parse(self, sourcelines: list[str]) -> tuple[str, str]:
         name, value = super().header_source_parse(sourcelines)
-        if any("\udc80" <= c <= "\udcff" for c in value):
+        if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):
             value = _decode_8bit(value.encode("utf-8", "surrogateescape"))
         return name, value
 
@@ -136,7 +144,8 @@ class _Registry(HeaderRegistry):
 
 
 _UNSTRUCTURED = _Registry(use_default_map=False)
-_POLICY = _MailPolicy(header_factory=_Registry())
+_HEADER_CLASSES = _Registry()
+_POLICY = _MailPolicy(header_factory=_HEADER_CLASSES)
 # For re-serialising an attached message/rfc822 part.
 _GENERATOR_POLICY = _POLICY.clone(linesep="\r\n", utf8=True)
 
@@ -329,6 +338,8 @@ class ParsedMessage:
             one["content"] = f"{token}c{i}"  # "content" is the last key of describe(True)
             described.append(one)
         obj["attachments"] = described
+        if not big and not described:
+            return [_dumps(obj)]  # the common case: nothing to cut out
         for ensure_ascii in (False, True):
             try:
                 return _splice(obj, big, token, ensure_ascii)
@@ -348,22 +359,31 @@ class ParsedMessage:
 
 
 def _splice(obj: Any, big: list[str], token: str, ensure_ascii: bool) -> list[bytes | int]:
+    """``obj`` as JSON pieces, cut at its placeholders (the only places ``token`` occurs):
+    ``,"content":"<token>c<i>"`` becomes the int i, ``"<token>s<i>"`` the str ``big[i]``
+    as its own JSON-escaped pieces. Found with str.find: no regex compiled per message."""
     text = json.dumps(obj, ensure_ascii=ensure_ascii, separators=(",", ":"))
-    parts = re.split(f',"content":"{token}c(\\d+)"|"{token}s(\\d+)"', text)
     out: list[bytes | int] = []
-    for n, part in enumerate(parts):
-        kind = n % 3
-        if kind == 0:
-            out.append(part.encode("utf-8"))
-        elif kind == 1 and part is not None:
-            out.append(int(part))
-        elif kind == 2 and part is not None:
-            value = big[int(part)]
+    start = 0
+    at = text.find(token)
+    while at >= 0:
+        mark = at + len(token)
+        end = text.index('"', mark)
+        index = int(text[mark + 1 : end])
+        if text[mark] == "c":
+            out.append(text[start : at - len(_CONTENT_KEY)].encode("utf-8"))
+            out.append(index)
+        else:
+            out.append(text[start : at - 1].encode("utf-8"))
+            value = big[index]
             out.append(b'"')
             for i in range(0, len(value), _SLICE):
                 piece = json.dumps(value[i : i + _SLICE], ensure_ascii=ensure_ascii)
                 out.append(piece[1:-1].encode("utf-8"))
             out.append(b'"')
+        start = end + 1
+        at = text.find(token, start)
+    out.append(text[start:].encode("utf-8"))
     return out
 
 
@@ -568,13 +588,133 @@ def _parsed_headers(msg: Message) -> list[tuple[str, Any]]:
     """Every header in order, decoded; a header the library cannot parse stays a plain str."""
     out: list[tuple[str, Any]] = []
     for name, raw in msg.raw_items():
-        try:
-            value: Any = _POLICY.header_fetch_parse(name, raw)
-            str(value)
-        except Exception:
-            value = " ".join(str(raw).split())
+        value: Any = None
+        if _FAST_HEADERS and type(raw) is str:
+            value = _fast_header(name, raw)
+        if value is None:
+            try:
+                value = _POLICY.header_fetch_parse(name, raw)
+                str(value)
+            except Exception:
+                value = " ".join(str(raw).split())
         out.append((name, value))
     return out
+
+
+# --- header fast paths -----------------------------------------------------------------
+# The stdlib's structured header parser costs tens of microseconds a header. For the plain
+# forms below its result (str, defects, addresses, datetime: what the payload reads) is
+# known without it; anything else takes the stdlib path. tests/test_payload_fastpath.py
+# holds the two paths equal.
+
+_FAST_HEADERS = True  # off: every header through the stdlib (the differential tests)
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext, ASCII only
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+# One mailbox of a list: "local@domain", "<local@domain>" or "Atom Words <local@domain>",
+# then "," or the end (the last group).
+_SIMPLE_MAILBOX = re.compile(
+    rf"[ \t]*(?:({_DOT_ATOM})@({_DOT_ATOM})"
+    rf"|((?:{_ATEXT}[ \t]+)*{_ATEXT})?[ \t]*<({_DOT_ATOM})@({_DOT_ATOM})>)[ \t]*(,|\Z)"
+)
+_SIMPLE_MSGID = re.compile(rf"[ \t]*<{_DOT_ATOM}@{_DOT_ATOM}>[ \t]*")
+
+
+class _FastAddressHeader:
+    """A simple address header as the stdlib's ``AddressHeader`` would read it."""
+
+    __slots__ = ("_text", "addresses")
+    defects: tuple[Exception, ...] = ()
+
+    def __init__(self, addresses: tuple[Address, ...]) -> None:
+        self.addresses = addresses
+        self._text = ", ".join([str(a) for a in addresses])
+
+    def __str__(self) -> str:
+        return self._text
+
+
+class _FastDateHeader:
+    """A date header as the stdlib's ``DateHeader`` would read it."""
+
+    __slots__ = ("_text", "datetime")
+    defects: tuple[Exception, ...] = ()
+
+    def __init__(self, dt: datetime) -> None:
+        self.datetime = dt
+        self._text = email.utils.format_datetime(dt)
+
+    def __str__(self) -> str:
+        return self._text
+
+
+@functools.lru_cache(maxsize=1024)  # header names are the sender's choice: bounded
+def _header_kind(name: str) -> str | None:
+    cls = _HEADER_CLASSES[name]
+    if issubclass(cls, UnstructuredHeader):
+        return "text"
+    if issubclass(cls, AddressHeader):
+        return "address"
+    if issubclass(cls, DateHeader):
+        return "date"
+    if issubclass(cls, MessageIDHeader):
+        return "msgid"
+    return None  # the MIME headers: parameters, RFC 2231, ...
+
+
+def _fast_header(name: str, raw: str) -> Any:
+    """What ``_POLICY.header_fetch_parse(name, raw)`` gives, or None when not certain."""
+    kind = _header_kind(name)
+    if kind is None:
+        return None
+    value = raw.replace("\r", "").replace("\n", "")  # as EmailPolicy.header_fetch_parse
+    if kind == "date":
+        if not value:  # a defect: the stdlib reports it
+            return None
+        try:
+            # The very calls DateHeader makes; only its unused parse tree is skipped.
+            return _FastDateHeader(email.utils.parsedate_to_datetime(value))
+        except Exception:
+            return None
+    if "=?" in value:  # encoded words
+        return None
+    if kind == "text":
+        # Without encoded words the unstructured parse gives the text back as it is and
+        # never a defect; lone surrogates would be replaced, so those go the long way.
+        if not value.isascii() and _has_surrogates(value):
+            return None
+        return value
+    if kind == "msgid":
+        # A plain str: a message-id header offers nothing more than its text and defects.
+        return value if _SIMPLE_MSGID.fullmatch(value) else None
+    return _simple_address_header(value)
+
+
+def _simple_address_header(value: str) -> _FastAddressHeader | None:
+    addresses: list[Address] = []
+    pos = 0
+    while True:
+        m = _SIMPLE_MAILBOX.match(value, pos)
+        if m is None:
+            return None
+        local, domain, name, angle_local, angle_domain, sep = m.groups()
+        if local is None:
+            # The stdlib joins the words of a display name with single spaces.
+            display = " ".join(name.split()) if name else ""
+            addresses.append(Address(display, angle_local, angle_domain))
+        else:
+            addresses.append(Address("", local, domain))
+        if not sep:
+            return _FastAddressHeader(tuple(addresses))
+        pos = m.end()
+
+
+def _has_surrogates(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _first_text(found: list[Any], strip: bool = True) -> str | None:
