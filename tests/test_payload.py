@@ -709,3 +709,37 @@ def test_large_base64_parts_decode_as_the_stdlib_does(tail: bytes) -> None:
     expected = [f"part 1: {type(d).__name__}" for d in binary.defects]
     assert [d for d in parsed.defects if d.startswith("part 1:")] == expected
     assert bool(expected) == (tail != b"")
+
+
+# --- the JSON encoder --------------------------------------------------------------------
+
+
+def test_encoder_writes_json_module_bytes_for_every_code_point() -> None:
+    """Payloads are encoded with orjson; receivers were promised the json module's bytes."""
+    from bridge.payload import _encode
+
+    chars = [chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
+    for i in range(0, len(chars), 4096):
+        block = chars[i : i + 4096]
+        expected = json.dumps(block, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        assert _encode(block, ensure_ascii=False) == expected
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.text(st.characters(blacklist_categories=())),  # lone surrogates too
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_encoder_matches_json_module_on_payload_shaped_values(value: Any) -> None:
+    from bridge.payload import _dumps
+
+    try:
+        expected = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: the \u-escaped form instead
+        expected = json.dumps(value, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    assert _dumps(value) == expected
