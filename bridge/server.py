@@ -357,7 +357,7 @@ class Session:
             if idle:
                 self._idle_scope = scope
             try:
-                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                data = await self._read_some()
             finally:
                 self._idle_scope = None
         if scope.cancelled_caught:
@@ -372,6 +372,27 @@ class Session:
                 await self._close(IDLE_TIMEOUT)
             return None
         return data
+
+    async def _read_some(self) -> bytes:
+        """``stream.receive_some()``; on plain TCP straight from the socket, which spares the
+        stream and socket wrappers' context managers on every command of a lockstep client."""
+        stream = self.stream
+        if type(stream) is not trio.SocketStream:
+            return bytes(await stream.receive_some(RECEIVE_SIZE))
+        sock = stream.socket
+        waited = False
+        while True:
+            try:
+                data = os.read(sock.fileno(), RECEIVE_SIZE)  # the socket is non-blocking
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+            if not waited:
+                await trio.lowlevel.checkpoint()  # as receive_some: always a checkpoint
+            return data
 
     async def _wait_for_reader(self) -> None:
         """Back-pressure: read no more input while too many replies wait for the client."""
