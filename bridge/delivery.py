@@ -83,41 +83,47 @@ class Deliverer:
                 unique.append(recipient)
             order.append(slots[recipient.address])
         parsed = await self._parse_if_needed(txn)
-        if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
-            reply = await self._deliver_one(txn, unique[0], parsed)
-            metrics.child(metrics.RECIPIENTS, _result(reply)).inc(len(order))
-            await emit([reply] * len(order))
-            return
-        results: list[Reply | None] = [None] * len(unique)
-        done = [trio.Event() for _ in unique]
+        try:
+            if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
+                reply = await self._deliver_one(txn, unique[0], parsed)
+                metrics.child(metrics.RECIPIENTS, _result(reply)).inc(len(order))
+                await emit([reply] * len(order))
+                return
+            results: list[Reply | None] = [None] * len(unique)
+            done = [trio.Event() for _ in unique]
 
-        async def one(i: int) -> None:
-            try:
-                results[i] = await self._deliver_one(txn, unique[i], parsed)
-            finally:
-                done[i].set()
+            async def one(i: int) -> None:
+                try:
+                    results[i] = await self._deliver_one(txn, unique[i], parsed)
+                finally:
+                    done[i].set()
 
-        async with trio.open_nursery() as nursery:
-            for i in range(len(unique)):
-                nursery.start_soon(one, i)
-            sent = 0
-            while sent < len(order):
-                await done[order[sent]].wait()
-                batch = []
-                while sent < len(order) and done[order[sent]].is_set():
-                    reply = results[order[sent]] or INTERNAL_ERROR
-                    batch.append(reply)
-                    metrics.child(metrics.RECIPIENTS, _result(reply)).inc()
-                    sent += 1
-                await emit(batch)
+            async with trio.open_nursery() as nursery:
+                for i in range(len(unique)):
+                    nursery.start_soon(one, i)
+                sent = 0
+                while sent < len(order):
+                    await done[order[sent]].wait()
+                    batch = []
+                    while sent < len(order) and done[order[sent]].is_set():
+                        reply = results[order[sent]] or INTERNAL_ERROR
+                        batch.append(reply)
+                        metrics.child(metrics.RECIPIENTS, _result(reply)).inc()
+                        sent += 1
+                    await emit(batch)
+        finally:
+            if parsed is not None:
+                parsed.close()  # its spooled text, if any
 
     async def _parse_if_needed(self, txn: Transaction) -> ParsedMessage | None:
         if all(r.route.payload == "raw" for r in txn.recipients):
             return None
-        data = txn.message.getvalue()
-        if len(data) > PARSE_IN_THREAD_ABOVE:
-            return await trio.to_thread.run_sync(ParsedMessage.parse, data, self._trusted)
-        return ParsedMessage.parse(data, self._trusted)
+        # Read from the buffer: a spooled message's text is decoded and escaped into a
+        # temporary file, never held whole (ParsedMessage.from_buffer).
+        message = txn.message
+        if message.size > PARSE_IN_THREAD_ABOVE:
+            return await trio.to_thread.run_sync(ParsedMessage.from_buffer, message, self._trusted)
+        return ParsedMessage.from_buffer(message, self._trusted)
 
     async def _deliver_one(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None

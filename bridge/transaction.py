@@ -58,6 +58,11 @@ class MessageBuffer:
     def spooled(self) -> bool:
         return self._file is not None
 
+    @property
+    def spool_dir(self) -> str | None:
+        """Where spool files go (None: the system's temporary directory)."""
+        return self._spool_dir
+
     def write(self, data: bytes) -> None:
         self._hash.update(data)
         self.size += len(data)
