@@ -197,6 +197,7 @@ class Deliverer:
             headers=headers,
             chunks=body.chunks,
             length=body.length,
+            in_memory=not txn.message.spooled,  # no spool file: nothing to read from disk
         )
 
     def _signer(self, route: Route) -> Signer | None:
