@@ -303,8 +303,12 @@ class ParsedMessage:
         defects.add_all("message", msg.defects)
         headers = _parsed_headers(msg)
 
+        by_name: dict[str, list[Any]] = {}
+        for n, h in headers:
+            by_name.setdefault(n.lower(), []).append(h)
+
         def named(name: str) -> list[Any]:
-            found = [h for n, h in headers if n.lower() == name]
+            found = by_name.get(name, [])
             for h in found:
                 defects.add_all(name.title(), getattr(h, "defects", ()))
             return found
@@ -321,8 +325,7 @@ class ParsedMessage:
         fields["references"] = _msgids(named("references"))
         fields["headers"] = [[n, str(h)] for n, h in headers]
         fields["auth"] = auth_verdicts(
-            [str(h) for n, h in headers if n.lower() == "authentication-results"],
-            trusted_authserv_ids,
+            [str(h) for h in by_name.get("authentication-results", ())], trusted_authserv_ids
         )
 
         attachments: list[Attachment] = []
