@@ -260,6 +260,15 @@ def _take(chunks: Iterator[bytes], limit: int) -> bytes:
     return b"".join(parts)
 
 
+def _with_defaults(
+    defaults: list[tuple[str, str]], headers: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` after the defaults they do not name themselves (a route may set its own
+    User-Agent), as the client's default headers would merge."""
+    named = {name.lower() for name, _ in headers}
+    return [(k, v) for k, v in defaults if k.lower() not in named] + headers
+
+
 class _BodyStream:
     """The request body as an async iterator; reading the factory (maybe a spool file) happens
     in a worker thread so a slow disk never stalls the event loop. A body made from memory
@@ -351,6 +360,10 @@ class WebhookClient:
         max_redirects: int = 3,
     ) -> None:
         self._max_redirects = max_redirects if follow_redirects else 0
+        # Sent with every request; requests are built here, not by client.build_request(),
+        # which merges the client's defaults, cookies and query on each call (≈ 10 µs).
+        # identity: we read raw bytes of error bodies and never want to inflate them.
+        self._base_headers = [("User-Agent", user_agent), ("Accept-Encoding", "identity")]
         self._client = httpx.AsyncClient(
             transport=transport,  # e.g. the h11 transport, or httpx.MockTransport in tests
             limits=httpx.Limits(
@@ -363,8 +376,7 @@ class WebhookClient:
             follow_redirects=False,
             # Proxies from HTTP(S)_PROXY / NO_PROXY only when the operator asked for it.
             trust_env=trust_env,
-            # identity: we read raw bytes of error bodies and never want to inflate them
-            headers={"User-Agent": user_agent, "Accept-Encoding": "identity"},
+            headers=dict(self._base_headers),
         )
         self._client._cookies = _NoCookies()  # httpx has no public switch to keep no cookies
         self._urls: dict[str, httpx.URL] = {}
@@ -495,12 +507,12 @@ class WebhookClient:
             if len(self._urls) >= URL_CACHE_SIZE:
                 self._urls.clear()
             parsed_url = self._urls[url] = httpx.URL(url)
-        outgoing = self._client.build_request(
+        outgoing = httpx.Request(
             "POST",
             parsed_url,
-            headers=headers,
+            headers=_with_defaults(self._base_headers, headers),
             content=content,
-            timeout=httpx.Timeout(limit),
+            extensions={"timeout": httpx.Timeout(limit).as_dict()},
         )
         response = await self._client.send(outgoing, stream=True)
         try:

@@ -331,3 +331,30 @@ async def test_secrets_never_in_reprs_or_logs(
     assert outcome.reply.code == 250
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert caplog.records and secret not in text and "s3cr3t" not in text
+
+
+# --- default headers ----------------------------------------------------------------------
+
+
+async def test_requests_name_the_bridge_and_refuse_compressed_answers(
+    client: WebhookClient, webhook_server: WebhookServer
+) -> None:
+    await client.deliver(route(webhook_server.url), request(webhook_server.url))
+    (seen,) = webhook_server.requests
+    assert seen.headers["user-agent"] == f"lmtp-bridge/{webhook.__version__}"
+    assert seen.headers["accept-encoding"] == "identity"  # error bodies are read raw
+
+
+async def test_a_header_of_the_request_replaces_the_default_of_the_same_name(
+    client: WebhookClient, webhook_server: WebhookServer
+) -> None:
+    sent = request(webhook_server.url)
+    own = WebhookRequest(
+        url=sent.url,
+        headers=[*sent.headers, ("user-agent", "acme-mail/2")],
+        chunks=sent.chunks,
+        length=sent.length,
+    )
+    await client.deliver(route(webhook_server.url), own)
+    (seen,) = webhook_server.requests
+    assert seen.headers["user-agent"] == "acme-mail/2"  # one field: repeats would be joined
