@@ -133,7 +133,7 @@ class Deliverer:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            request = self._request(txn, recipient, parsed, did)
+            request = await self._request(txn, recipient, parsed, did)
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply
             if outcome.error != "internal":  # our own bugs say nothing about the webhook
@@ -164,7 +164,7 @@ class Deliverer:
         log_event(log, level, f"recipient {_result(reply)}", **fields)
         return reply
 
-    def _request(
+    async def _request(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None, did: str
     ) -> WebhookRequest:
         route = recipient.route
@@ -189,6 +189,8 @@ class Deliverer:
         signer = self._signer(route)
         if signer is None:
             headers.append(("webhook-id", did))
+        elif txn.message.spooled:  # reading and hashing a big body: off the event loop
+            headers += await trio.to_thread.run_sync(signer.headers, did, body.chunks())
         else:
             headers += signer.headers(did, body.chunks())
         headers += route.headers.items()

@@ -440,3 +440,17 @@ async def test_a_bug_in_one_session_answers_451_then_421_and_the_server_goes_on(
 
     other = await open_session(running)  # the server itself is unharmed
     assert codes(await transaction(other, ["c@example.org"], message())) == ["250 2.0.0"]
+
+
+async def test_a_spooled_message_is_signed_over_its_whole_body(
+    start_bridge: StartBridge, webhook_server: WebhookServer
+) -> None:
+    # past spool_threshold the body is read from disk and signed in a worker thread
+    secret = "whsec_" + base64.b64encode(b"s" * 32).decode()
+    running = await start_bridge(webhook_secret=secret, spool_threshold=4096)
+    client = await open_session(running)
+    big = message(subject="spooled", body="line of text\r\n" * 20_000)  # ~280 KB
+    assert codes(await transaction(client, ["a@example.net"], big)) == ["250 2.0.0"]
+    (request,) = webhook_server.requests
+    payload = Webhook(secret).verify(request.body, dict(request.headers))
+    assert payload["message"]["text"].count("line of text\n") == 20_000
