@@ -16,7 +16,8 @@ import trio
 from bridge import metrics
 from bridge.lmtp.events import Reply
 from bridge.logs import log_event
-from bridge.payload import ParsedMessage, build_body
+from bridge.mime import ParsedMessage
+from bridge.payload import build_body
 from bridge.policy import Breakers
 from bridge.routing import Route
 from bridge.signing import Signer, delivery_id

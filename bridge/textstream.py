@@ -12,16 +12,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import orjson
 
+from bridge.charsets import _CHARSET_ALIASES, _UNDECLARED, _Defects
 from bridge.transaction import READ_CHUNK, MessageBuffer
 
-if TYPE_CHECKING:
-    from bridge.payload import _Defects
-
-# Registered by bridge.payload: cp1252, with Latin-1 for the five bytes cp1252 leaves undefined.
+# Registered by bridge.charsets: cp1252, with Latin-1 for the five bytes cp1252 leaves undefined.
 _LATIN1_FALLBACK = "bridge-latin1-fallback"
 # Stateful or multibyte codecs: taken only when the whole text decodes strictly, where an
 # incremental decode gives what one decode gives. With "replace" the two may differ at a piece
@@ -180,7 +178,7 @@ class _Store:
 
 
 def _encoder(ensure_ascii: bool) -> Callable[[str], bytes]:
-    # As payload._encode: orjson writes the json module's bytes, \u-escapes only need json.
+    # As pieces._encode: orjson writes the json module's bytes, \u-escapes only need json.
     if ensure_ascii:
         return lambda text: json.dumps(text, ensure_ascii=True)[1:-1].encode("ascii")
     return lambda text: orjson.dumps(text)[1:-1]
@@ -261,7 +259,7 @@ def _write_text(store: _Store, encode: Callable[[str], bytes], text: str, held: 
 
 class SpooledText:
     """The JSON string (without its quotes) of the text body ``message[start:]``: decoded as
-    ``payload._decode_text`` decodes it, CRLF made LF, escaped as ``payload._encode`` would.
+    ``charsets._decode_text`` decodes it, CRLF made LF, escaped as ``pieces._encode`` would.
 
     Written once by ``write``; ``chunks()`` reads it back on every send. The variant with
     \\u-escapes (``ensure_ascii``, for a message object holding a lone surrogate elsewhere) is
@@ -302,7 +300,7 @@ class SpooledText:
     ) -> SpooledText | None:
         """Read the body once (rarely more: see ``_fill``) and keep its JSON string.
 
-        ``charset`` is the part's declared charset as ``payload._declared_charset`` gives it.
+        ``charset`` is the part's declared charset as ``charsets._declared_charset`` gives it.
         The defects ``_decode_text`` would record go into ``defects`` under ``where``. None
         (and no defect recorded) when identical output cannot be promised: the caller then
         decodes in memory as before.
@@ -401,15 +399,13 @@ class _Body:
 
 
 def _fill(body: _Body, charset: str | None) -> _Choice | None:
-    """What payload._decode_text decides, found while writing; None when we cannot match it.
+    """What charsets._decode_text decides, found while writing; None when we cannot match it.
 
     Written optimistically: an undeclared text is taken as UTF-8 and written again (the
     store emptied) only if it turns out not to be. Most mail is ASCII or UTF-8, so this
     reads the body once where deciding first would read it twice."""
-    from bridge import payload  # here: payload.py imports this module at its top
-
     try:
-        return _decide(body, charset, payload._UNDECLARED, payload._CHARSET_ALIASES)
+        return _decide(body, charset, _UNDECLARED, _CHARSET_ALIASES)
     except UnicodeError:
         # Not a decode error: ISO-2022-JP's incremental decoder raises "pending buffer
         # overflow" on a long broken escape, where one decode of the whole reports a decode
@@ -452,7 +448,7 @@ def _decide(
 
 
 def _guess(body: _Body, notes: list[str]) -> _Choice:
-    """As payload._decode_8bit: ISO-2022-JP when it has "\\x1b$" and decodes, else UTF-8 when
+    """As charsets._decode_8bit: ISO-2022-JP when it has "\\x1b$" and decodes, else UTF-8 when
     valid, else Windows-1252 with the Latin-1 fallback."""
     utf8: bool | None = None  # not known yet
     try:

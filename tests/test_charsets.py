@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bridge.payload import ParsedMessage
+from bridge.mime import ParsedMessage
 
 
 def corpus_dir() -> Path:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.payload import ParsedMessage, WebhookBody, build_body, envelope_object
+from bridge.mime import ParsedMessage
+from bridge.payload import WebhookBody, build_body, envelope_object
 from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.transaction import Envelope, MessageBuffer, Recipient
@@ -716,7 +717,7 @@ def test_large_base64_parts_decode_as_the_stdlib_does(tail: bytes) -> None:
 
 def test_encoder_writes_json_module_bytes_for_every_code_point() -> None:
     """Payloads are encoded with orjson; receivers were promised the json module's bytes."""
-    from bridge.payload import _encode
+    from bridge.pieces import _encode
 
     chars = [chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
     for i in range(0, len(chars), 4096):
@@ -736,7 +737,7 @@ def test_encoder_writes_json_module_bytes_for_every_code_point() -> None:
     )
 )
 def test_encoder_matches_json_module_on_payload_shaped_values(value: Any) -> None:
-    from bridge.payload import _dumps
+    from bridge.pieces import _dumps
 
     try:
         expected = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -20,8 +20,9 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from bridge import payload
-from bridge.payload import ParsedMessage, build_body
+from bridge import mailpolicy, mime, mimebody
+from bridge.mime import ParsedMessage
+from bridge.payload import build_body
 from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.transaction import Envelope, MessageBuffer, Recipient
@@ -54,7 +55,9 @@ def smtp_source(size: int) -> bytes:
 
 
 SMTP_SOURCE_SIZES = [4096, 256 * 1024, 10 * 1024 * 1024]
-DEFAULT_MIN = payload._FAST_BODY_MIN
+DEFAULT_MIN = mimebody._FAST_BODY_MIN
+# Where the feed parser is called: the whole message (mime) and the header block (mimebody).
+FEEDERS = [mime, mimebody]
 
 
 @contextmanager
@@ -62,8 +65,8 @@ def fast_body(on: bool, min_body: int = 0) -> Iterator[None]:
     """The fast path on or off; when on, for bodies of any size (by default it leaves small
     ones to the parser, as cheaper): the tests cover a superset of what it takes in use."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(payload, "_FAST_BODY", on)
-        mp.setattr(payload, "_FAST_BODY_MIN", min_body)
+        mp.setattr(mime, "_FAST_BODY", on)  # read by ParsedMessage
+        mp.setattr(mimebody, "_FAST_BODY_MIN", min_body)
         yield
 
 
@@ -72,7 +75,7 @@ def traced_parse(raw: bytes, min_body: int = 0) -> tuple[int | None, list[bytes]
     every input the feed parser was given."""
     found: list[int | None] = []
     fed: list[bytes] = []
-    real_head_only, real_feed = payload._head_only, payload._feed
+    real_head_only, real_feed = mimebody._head_only, mailpolicy._feed
 
     def head_only(data: bytes) -> tuple[Any, int] | None:
         head = real_head_only(data)
@@ -84,8 +87,9 @@ def traced_parse(raw: bytes, min_body: int = 0) -> tuple[int | None, list[bytes]
         return real_feed(data)
 
     with fast_body(True, min_body), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(payload, "_head_only", head_only)
-        mp.setattr(payload, "_feed", feed)
+        mp.setattr(mime, "_head_only", head_only)
+        for module in FEEDERS:
+            mp.setattr(module, "_feed", feed)
         ParsedMessage.parse(raw)
     assert len(found) == 1
     return found[0], fed
@@ -213,7 +217,7 @@ def test_small_bodies_are_left_to_the_parser() -> None:
 
 def test_the_switch_turns_it_off() -> None:
     raw = smtp_source(4096)
-    real_feed = payload._feed
+    real_feed = mailpolicy._feed
     fed: list[bytes] = []
 
     def feed(data: bytes) -> Any:
@@ -221,7 +225,8 @@ def test_the_switch_turns_it_off() -> None:
         return real_feed(data)
 
     with fast_body(False), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(payload, "_feed", feed)
+        for module in FEEDERS:
+            mp.setattr(module, "_feed", feed)
         ParsedMessage.parse(raw)
     assert fed == [raw]
 

@@ -18,8 +18,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge import payload
-from bridge.payload import ParsedMessage, build_body
+from bridge import charsets, mailpolicy, mimeheaders
+from bridge.mime import ParsedMessage
+from bridge.payload import build_body
+from bridge.pieces import _dumps, _Lazy
 from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.transaction import Envelope, MessageBuffer, Recipient
@@ -50,42 +52,42 @@ SMTP_SOURCE = (
 
 @contextmanager
 def fast_headers(on: bool) -> Iterator[None]:
-    saved = payload._FAST_HEADERS
-    payload._FAST_HEADERS = on
+    saved = mimeheaders._FAST_HEADERS
+    mimeheaders._FAST_HEADERS = on
     try:
         yield
     finally:
-        payload._FAST_HEADERS = saved
+        mimeheaders._FAST_HEADERS = saved
 
 
 def header(name: str, raw: str, fast: bool) -> Any:
     """The header object ``_parsed_headers`` gives for one raw header."""
-    msg = Message(policy=payload._POLICY)
+    msg = Message(policy=mailpolicy._POLICY)
     msg.set_raw(name, raw)
     with fast_headers(fast):
-        [(_, value)] = payload._parsed_headers(msg)
+        [(_, value)] = mimeheaders._parsed_headers(msg)
     return value
 
 
 def view(h: Any) -> dict[str, Any]:
     """Everything of a header that reaches the payload, as the payload reads it."""
-    defects = payload._Defects()
+    defects = charsets._Defects()
     defects.add_all("h", getattr(h, "defects", ()))
     dt = getattr(h, "datetime", None)
     return {
         "str": str(h),
         "defects": defects.items,
-        "addresses": payload._addresses([h]),
+        "addresses": mimeheaders._addresses([h]),
         "usernames": [(a.username, a.domain) for a in getattr(h, "addresses", ())],
-        "date": payload._date([h]),
+        "date": mimeheaders._date([h]),
         "datetime": (type(dt).__name__, dt.isoformat() if isinstance(dt, datetime) else dt),
-        "msgids": payload._msgids([h]),
+        "msgids": mimeheaders._msgids([h]),
     }
 
 
 def assert_same_or_declined(name: str, raw: str) -> bool:
     """The fast result equals the stdlib's, or the fast path declined; True if it answered."""
-    fast = payload._fast_header(name, raw)
+    fast = mimeheaders._fast_header(name, raw)
     if fast is None:
         return False
     assert view(fast) == view(header(name, raw, fast=False))
@@ -310,7 +312,7 @@ def test_simple_message_ids_take_the_fast_path(name: str, value: str) -> None:
 @given(date_values())
 def test_dates_the_stdlib_reads_take_the_fast_path(value: str) -> None:
     answered = assert_same_or_declined("Date", value)
-    assert answered == (payload._date([header("Date", value, fast=False)]) is not None)
+    assert answered == (mimeheaders._date([header("Date", value, fast=False)]) is not None)
 
 
 @settings(max_examples=200, deadline=None)
@@ -453,7 +455,7 @@ def test_the_benchmark_message_takes_only_fast_paths() -> None:
     heads, _, _ = SMTP_SOURCE.partition(b"\r\n\r\n")
     for line in heads.decode().split("\r\n"):
         name, _, value = line.partition(": ")
-        assert payload._fast_header(name, value) is not None, line
+        assert mimeheaders._fast_header(name, value) is not None, line
     assert_same_body(SMTP_SOURCE)
 
 
@@ -470,12 +472,12 @@ def test_cpython_corpus_gives_the_same_bodies() -> None:
         raw = path.read_bytes()
         assert_same_body(raw)
         for name, value in _raw_headers(raw):
-            answered += payload._fast_header(name, value) is not None
+            answered += mimeheaders._fast_header(name, value) is not None
     assert answered >= 100  # the corpus really exercises the fast paths
 
 
 def _raw_headers(raw: bytes) -> list[tuple[str, str]]:
-    return list(BytesParser(policy=payload._POLICY).parsebytes(raw).raw_items())
+    return list(BytesParser(policy=mailpolicy._POLICY).parsebytes(raw).raw_items())
 
 
 @settings(max_examples=200, deadline=None)
@@ -492,7 +494,7 @@ def whole(parsed: ParsedMessage, with_content: bool) -> bytes:
     """The message object dumped in one go: what the template must reproduce."""
     obj = dict(parsed.fields)
     obj["attachments"] = [a.describe(with_content) for a in parsed.attachments]
-    return payload._dumps(obj)
+    return _dumps(obj)
 
 
 def with_attachments(text: str, filename: str = "a.bin") -> bytes:
@@ -525,7 +527,7 @@ def test_template_is_the_whole_dump(raw: bytes) -> None:
         assert parsed.message_json(with_content) == whole(parsed, with_content)
     pieces = parsed.message_pieces()
     # attachment content is never part of the template: it is encoded as the body is sent
-    assert any(isinstance(p, payload._Lazy) for p in pieces) == bool(parsed.attachments)
+    assert any(isinstance(p, _Lazy) for p in pieces) == bool(parsed.attachments)
 
 
 def test_template_with_a_lone_surrogate_falls_back_to_ascii_escapes() -> None:

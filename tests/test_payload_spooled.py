@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from webhook_server import Step, WebhookServer
 
-from bridge import payload, webhook
+from bridge import mime, mimebody, webhook
 from bridge.delivery import Deliverer, Transaction
 from bridge.lmtp.events import Reply
-from bridge.payload import ParsedMessage, build_body
+from bridge.mime import ParsedMessage
+from bridge.payload import build_body
 from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.textstream import SpooledText
@@ -75,7 +76,7 @@ def make_buffer(
 @contextmanager
 def spool_text(on: bool) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(payload, "_SPOOL_TEXT", on)
+        mp.setattr(mime, "_SPOOL_TEXT", on)  # read by ParsedMessage.from_buffer
         yield
 
 
@@ -319,11 +320,11 @@ header_lines = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(data=header_lines)
 def test_header_end_from_a_prefix_is_the_whole_message_answer(data: bytes) -> None:
-    whole = payload._header_end(data, len(data))
-    assert whole is not payload._MORE
+    whole = mimebody._header_end(data, len(data))
+    assert whole is not mimebody._MORE
     for n in range(len(data)):
-        found = payload._header_end(data[:n], len(data))
-        assert found is payload._MORE or found == whole, (n, found, whole)
+        found = mimebody._header_end(data[:n], len(data))
+        assert found is mimebody._MORE or found == whole, (n, found, whole)
 
 
 # --- sends, recipients, surrogates, failures ----------------------------------------------

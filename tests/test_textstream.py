@@ -1,6 +1,6 @@
 """The spooled JSON string of a text body is byte for byte what the in-memory path makes.
 
-Differential: payload._decode_text + CRLF->LF + json.dumps is the reference, for any bytes.
+Differential: charsets._decode_text + CRLF->LF + json.dumps is the reference, for any bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bridge.payload import ParsedMessage, _declared_charset, _decode_text, _Defects
+from bridge.charsets import _declared_charset, _decode_text, _Defects
+from bridge.mime import ParsedMessage
 from bridge.textstream import SpooledText, _defined_bytes, _is_single_byte
 from bridge.transaction import READ_CHUNK, MessageBuffer
 

@@ -1,0 +1,183 @@
+"""Each leaf MIME part filed as the message's text, its HTML or an ``Attachment``, its
+content decoded (transfer encoding undone) with as few copies as we could manage.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import Message
+from typing import Any
+
+from bridge.charsets import _declared_charset, _decode_text, _Defects
+from bridge.mailpolicy import _GENERATOR_POLICY
+from bridge.mimebody import _BodyRef
+from bridge.pieces import _BIG_STR, _utf8
+
+# Deeper MIME nesting than this is not looked into (it is still in "raw" and in the defects).
+MAX_MIME_DEPTH = 50
+
+# The stdlib's own base64 body decoder (what Message.get_payload(decode=True) calls); no stub.
+_decode_b = importlib.import_module("email._encoded_words").decode_b
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A MIME part that is not the message's text or HTML body."""
+
+    filename: str | None
+    content_type: str
+    disposition: str | None
+    content_id: str | None
+    content: bytes  # decoded (base64 / quoted-printable undone)
+    charset: str | None = None  # the declared charset parameter, lower case
+    text: str | None = None  # an inline text part after the first: decoded, as a client shows it
+
+    def describe(self, with_content: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "filename": self.filename,
+            "content_type": self.content_type,
+            "size": len(self.content),
+            "disposition": self.disposition,
+            "content_id": self.content_id,
+            "charset": self.charset,
+            "text": self.text,
+        }
+        if with_content:
+            out["content"] = base64.b64encode(self.content).decode("ascii")
+        return out
+
+
+def _leaves(msg: Message, defects: _Defects) -> Iterator[tuple[str, Message]]:
+    """The non-multipart parts in order, each with a "part 1.2"-style location."""
+    stack: list[tuple[str, Message, int]] = [("message", msg, 0)]
+    while stack:
+        where, part, depth = stack.pop()
+        if part.get_content_maintype() == "multipart" and part.is_multipart():
+            if depth >= MAX_MIME_DEPTH:
+                defects.add(where, f"MIME nesting deeper than {MAX_MIME_DEPTH}; not looked into")
+                continue
+            prefix = "part " if where == "message" else where + "."
+            children = part.get_payload()
+            if not isinstance(children, list):
+                yield where, part
+                continue
+            for i in reversed(range(len(children))):
+                child = children[i]
+                if isinstance(child, Message):
+                    stack.append((f"{prefix}{i + 1}", child, depth + 1))
+        else:
+            yield where, part
+
+
+def _take_part(
+    where: str,
+    part: Message,
+    fields: dict[str, Any],
+    attachments: list[Attachment],
+    defects: _Defects,
+    body: bytes | _BodyRef | None = None,
+) -> None:
+    """File one leaf part under text, html or attachments; ``body`` is its content when the
+    caller took it from the message bytes itself (the body fast path), else it is decoded.
+    A ``_BodyRef`` body is read from the message buffer: a text body as a SpooledText."""
+    ctype = part.get_content_type()
+    disposition = part.get_content_disposition()
+    filename = part.get_filename()
+    ref: _BodyRef | None = None
+    if isinstance(body, _BodyRef):
+        ref, content = body, b""  # read below, unless the text is spooled
+    else:
+        content = _part_bytes(where, part, defects) if body is None else body
+    del body  # content is now the only reference: the "del content" below frees the bytes
+    part.set_payload("")  # taken: its encoded text need not live as long as the tree
+    defects.add_all(where, part.defects)
+
+    maintype, _, subtype = ctype.partition("/")
+    # A multipart whose boundary never appears is a leaf: its text is the best we have.
+    is_text = ctype in ("text/plain", "text/html") or maintype == "multipart"
+    is_body = disposition != "attachment" and (filename is None or disposition == "inline")
+    key = "html" if subtype == "html" else "text"
+    charset = _declared_charset(part)
+    if is_text and is_body and fields[key] is None:
+        if ref is not None:
+            spooled = ref.spool(charset, where, defects)
+            if spooled is not None:
+                fields[key] = spooled
+                fields[key + "_charset"] = charset
+                return
+            content = ref.read()  # declined: decoded in memory, as always
+        decoded = _decode_text(where, part, content, defects)
+        del content  # before the copy below: one big text fewer at the peak
+        # MIME text travels with CRLF line ends; receivers expect newlines
+        fields[key] = decoded.replace("\r\n", "\n")
+        fields[key + "_charset"] = charset
+        return
+    if ref is not None:
+        content = ref.read()
+    content_id = part.get("Content-ID")
+    text = None
+    if maintype == "text" and is_body:
+        text = _decode_text(where, part, content, defects).replace("\r\n", "\n")
+    attachments.append(
+        Attachment(
+            filename=filename,
+            content_type=ctype,
+            disposition=disposition,
+            content_id=str(content_id).strip() if content_id is not None else None,
+            content=content,
+            charset=charset,
+            text=text,
+        )
+    )
+
+
+def _part_bytes(where: str, part: Message, defects: _Defects) -> bytes:
+    try:
+        if part.is_multipart():
+            # message/rfc822 and friends are parsed into sub-messages: write them back out.
+            inner = part.get_payload()
+            if isinstance(inner, list):
+                messages = [m for m in inner if isinstance(m, Message)]
+                if len(messages) == len(inner):
+                    return b"".join(_as_bytes(m) for m in messages)
+            return _as_bytes(part).partition(b"\r\n\r\n")[2]
+        payload = _decoded_payload(part)
+        return payload if isinstance(payload, bytes) else b""
+    except Exception as exc:
+        defects.add(where, f"undecodable content ({type(exc).__name__}: {exc})")
+        return b""
+
+
+def _decoded_payload(part: Message) -> Any:
+    """``part.get_payload(decode=True)``, the same bytes and defects, but a large ASCII body
+    costs one bytes copy at a time, not the stdlib's str copy, line list and joined lines."""
+    payload = getattr(part, "_payload", None)
+    cte = str(part.get("content-transfer-encoding", "")).lower()
+    if (
+        not isinstance(payload, str)
+        or len(payload) <= _BIG_STR
+        or cte in ("quoted-printable", "x-uuencode", "uuencode", "uue", "x-uue")
+        or not payload.isascii()
+    ):
+        return part.get_payload(decode=True)
+    data = payload.encode("ascii")
+    del payload
+    part.set_payload("")  # the caller has no more use for the text
+    if cte != "base64":
+        return data
+    joined = data.translate(None, b"\r\n")  # == b"".join(data.splitlines()) for bytes
+    del data
+    value, defects = _decode_b(joined)
+    for defect in defects:
+        part.policy.handle_defect(part, defect)
+    return value
+
+
+def _as_bytes(msg: Message) -> bytes:
+    try:
+        return msg.as_bytes(policy=_GENERATOR_POLICY)
+    except Exception:  # the bytes generator trips over some broken 8-bit parts
+        return _utf8(msg.as_string(policy=_GENERATOR_POLICY))
