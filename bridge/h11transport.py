@@ -9,6 +9,7 @@ verification, and a retry on a fresh connection only when no byte of the request
 from __future__ import annotations
 
 import contextlib
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 import h11
 import httpx
 import trio
+
+from bridge import sockio
 
 RECEIVE_SIZE = 64 * 1024
 KEEPALIVE_EXPIRY = 5.0  # seconds an idle pooled connection is kept (httpx's default)
@@ -243,16 +246,19 @@ class H11Transport(httpx.AsyncBaseTransport):
     ) -> None:
         """The first write of a request: on a reused plain-TCP connection, one ``send()`` that
         fails outright means no byte left, and the request may go on another connection."""
-        sock = conn.socket()
-        if retry_safe and sock is not None and isinstance(conn.stream, trio.SocketStream):
+        stream = conn.stream
+        if retry_safe and type(stream) is trio.SocketStream:
             try:
-                with _fail_at(_deadline(seconds or None)):
-                    sent = await sock.send(data)
-            except trio.TooSlowError as exc:
-                raise httpx.WriteTimeout("timed out writing to the webhook") from exc
+                sent = os.write(stream.socket.fileno(), data)  # the socket is non-blocking
+            except BlockingIOError:
+                sent = 0  # a full buffer: the bytes wait for _write below
             except OSError as exc:
                 raise _NothingSent from exc
             data = data[sent:]
+            if not data:
+                return
+        elif not retry_safe:
+            data = data[sockio.send_now(stream, data) :]
             if not data:
                 return
         await _write(conn, data, seconds)
@@ -339,7 +345,7 @@ async def _next_event(conn: _Connection, seconds: float | None) -> h11.Event:
             return event  # type: ignore[return-value]
         try:
             with _fail_at(deadline):
-                data = await conn.stream.receive_some(RECEIVE_SIZE)
+                data = await sockio.receive_some(conn.stream, RECEIVE_SIZE)
         except trio.TooSlowError as exc:
             raise httpx.ReadTimeout("timed out waiting for the webhook") from exc
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

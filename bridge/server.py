@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 
 import trio
 
-from bridge import metrics
+from bridge import metrics, sockio
 from bridge.delivery import Deliverer, Transaction
 from bridge.lmtp.connection import Limits, LmtpServerConnection
 from bridge.lmtp.events import (
@@ -357,7 +357,7 @@ class Session:
             if idle:
                 self._idle_scope = scope
             try:
-                data = await self._read_some()
+                data = await sockio.receive_some(self.stream, RECEIVE_SIZE)
             finally:
                 self._idle_scope = None
         if scope.cancelled_caught:
@@ -372,27 +372,6 @@ class Session:
                 await self._close(IDLE_TIMEOUT)
             return None
         return data
-
-    async def _read_some(self) -> bytes:
-        """``stream.receive_some()``; on plain TCP straight from the socket, which spares the
-        stream and socket wrappers' context managers on every command of a lockstep client."""
-        stream = self.stream
-        if type(stream) is not trio.SocketStream:
-            return bytes(await stream.receive_some(RECEIVE_SIZE))
-        sock = stream.socket
-        waited = False
-        while True:
-            try:
-                data = os.read(sock.fileno(), RECEIVE_SIZE)  # the socket is non-blocking
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
-            if not waited:
-                await trio.lowlevel.checkpoint()  # as receive_some: always a checkpoint
-            return data
 
     async def _wait_for_reader(self) -> None:
         """Back-pressure: read no more input while too many replies wait for the client."""
@@ -416,25 +395,12 @@ class Session:
             return
         _count_replies(data)
         if not self._outbox and not self._in_flight and not self._broken:
-            data = data[self._write_now(data) :]
+            # a lockstep client gets its reply without a switch to the writer task
+            data = data[sockio.send_now(self.stream, data) :]
             if not data:
                 return
         self._outbox += data
         self._wake_writer.set()
-
-    def _write_now(self, data: bytes) -> int:
-        """How much of ``data`` the socket took at once, without waiting (0 on any error).
-
-        A lockstep client (the common case) so gets its reply without a switch to the writer
-        task; what the socket does not take, and every error, is left to the writer.
-        """
-        stream = self.stream
-        if type(stream) is not trio.SocketStream:  # TLS records are the writer's job
-            return 0
-        try:
-            return os.write(stream.socket.fileno(), data)  # the socket is non-blocking
-        except OSError:
-            return 0
 
     async def _writer(self, session_scope: trio.CancelScope) -> None:
         while True:
