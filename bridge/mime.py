@@ -202,11 +202,14 @@ class ParsedMessage:
     def _build_template(self) -> list[bytes | int | _Lazy]:
         # Big str values and the attachments' content are dumped as placeholders, then put
         # in as their own pieces: never one big JSON str and its UTF-8 copy beside them.
+        if not self.attachments and not any(_is_big(v) for v in self.fields.values()):
+            # the common case: nothing to cut out (and no random token to draw)
+            return [_dumps({**self.fields, "attachments": []})]
         token = "lmtp-bridge-" + secrets.token_hex(12)
         big: list[str | SpooledText] = []
 
         def slot(value: Any) -> Any:
-            if isinstance(value, SpooledText) or (isinstance(value, str) and len(value) > _BIG_STR):
+            if _is_big(value):
                 big.append(value)
                 return f"{token}s{len(big) - 1}"
             return value
@@ -219,8 +222,6 @@ class ParsedMessage:
             one["content"] = f"{token}c{i}"  # "content" is the last key of describe(True)
             described.append(one)
         obj["attachments"] = described
-        if not big and not described:
-            return [_dumps(obj)]  # the common case: nothing to cut out
         for ensure_ascii in (False, True):
             try:
                 return _splice(obj, big, token, ensure_ascii)
@@ -257,3 +258,8 @@ def _empty_fields() -> dict[str, Any]:
         "text_charset": None,
         "html_charset": None,
     }
+
+
+def _is_big(value: Any) -> bool:
+    """A value the template cuts out into its own pieces."""
+    return isinstance(value, SpooledText) or (isinstance(value, str) and len(value) > _BIG_STR)
