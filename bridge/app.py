@@ -181,16 +181,19 @@ async def _stop_on_signal(running: Running) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         # a --workers worker blocks them until now, so an early SIGTERM waits for this receiver
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        draining = False
+        # The receiver stays open for the whole drain: a second signal (a supervisor's repeat,
+        # or systemd and a --workers parent both signalling a worker) must not kill deliveries
+        # in flight; shutdown_grace bounds the drain.
         async for signum in signals:
-            log_event(
-                log,
-                logging.INFO,
-                "draining",
-                signal=signal.Signals(signum).name,
-                grace=running.server.options.shutdown_grace,
-            )
+            name = signal.Signals(signum).name
+            if draining:
+                log_event(log, logging.INFO, "already draining; signal ignored", signal=name)
+                continue
+            draining = True
+            grace = running.server.options.shutdown_grace
+            log_event(log, logging.INFO, "draining", signal=name, grace=grace)
             running.stop()
-            return
 
 
 def _remove_unix_sockets(addresses: list[ListenAddress]) -> None:

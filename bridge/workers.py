@@ -178,14 +178,14 @@ def _supervise(settings: Settings, children: dict[int, int]) -> int:
                             log_event(log, logging.INFO, "draining workers", signal=signum)
                             stop_all()
                         continue
-                    for pid, code in _reap(children):
+                    for pid, number, code in _reap(children):
                         _mark_dead(pid)
                         if code != 0 or not draining:
                             log_event(
                                 log,
                                 logging.ERROR,
                                 "worker ended unexpectedly, stopping all",
-                                worker=children.get(pid),
+                                worker=number,
                                 status=code,
                             )
                             exit_code = 1
@@ -201,7 +201,8 @@ def _supervise(settings: Settings, children: dict[int, int]) -> int:
     return exit_code
 
 
-def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
+def _reap(children: dict[int, int]) -> list[tuple[int, int, int]]:
+    """(pid, worker number, exit code) of each child that ended; they leave ``children``."""
     ended = []
     while children:
         try:
@@ -211,8 +212,7 @@ def _reap(children: dict[int, int]) -> list[tuple[int, int]]:
         if pid == 0:
             break
         if pid in children:
-            ended.append((pid, os.waitstatus_to_exitcode(status)))
-            del children[pid]
+            ended.append((pid, children.pop(pid), os.waitstatus_to_exitcode(status)))
     return ended
 
 

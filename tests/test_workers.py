@@ -138,6 +138,29 @@ def test_sigterm_drains_every_worker(webhook_server: WebhookServer) -> None:
             SyncLmtp.connect(bridge.address, timeout=2)
 
 
+def test_a_signal_to_every_process_still_drains(webhook_server: WebhookServer) -> None:
+    """systemd (KillMode=control-group) and Ctrl-C signal the parent and every worker at once;
+    the parent then signals the workers again: a delivery in flight still gets its 250."""
+    webhook_server.behave("slow@example.org", delay=1.5)
+    env = {"LMTP_BRIDGE_WORKERS": "2", "LMTP_BRIDGE_SHUTDOWN_GRACE": "10"}
+    with BridgeProcess(webhook_server.url, env) as bridge:
+        bridge.wait_ready()
+        lmtp = SyncLmtp.connect(bridge.address)
+        lmtp.greet()
+        assert lmtp.command("MAIL FROM:<alice@example.org>").code == 250
+        assert lmtp.command("RCPT TO:<slow@example.org>").code == 250
+        assert lmtp.command("DATA").code == 354
+        lmtp.send(data_section(message()))
+        assert webhook_server.wait_for_requests(1, timeout=5)
+        for pid in [bridge.process.pid, *children(bridge.process.pid)]:
+            os.kill(pid, signal.SIGINT)
+        assert lmtp.reply().code == 250
+        lmtp.close()
+        assert bridge.wait(20) == 0, bridge.log
+        assert "worker ended unexpectedly" not in bridge.log
+        assert "already draining; signal ignored" in bridge.log
+
+
 def test_a_dead_worker_stops_the_service(webhook_server: WebhookServer) -> None:
     with BridgeProcess(webhook_server.url, {"LMTP_BRIDGE_WORKERS": "2"}) as bridge:
         bridge.wait_ready()
