@@ -35,7 +35,9 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", metavar="LEVEL")
     parser.add_argument("--log-format", choices=("json", "text"))
     parser.add_argument(
-        "--workers", type=int, metavar="N", help="worker processes (SO_REUSEPORT; serve only)"
+        "--workers",
+        metavar="N",
+        help='worker processes (SO_REUSEPORT; serve only); "auto": one per usable CPU',
     )
 
 

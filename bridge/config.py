@@ -30,6 +30,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from bridge.cpus import available_cpus
 from bridge.routing import check_url_template, compile_match
 from bridge.signing import parse_secret
 
@@ -118,6 +119,12 @@ def _split_commas(value: object) -> object:
     # Env vars and flags give lists as "a,b"; files may give a list or the same string.
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _workers(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return available_cpus()
     return value
 
 
@@ -410,7 +417,12 @@ class Settings(BaseSettings):
         default=[],
         description="authserv-ids whose Authentication-Results headers are reported.",
     )
-    workers: int = Field(default=1, ge=1, description="Worker processes sharing the listeners.")
+    workers: Annotated[int, BeforeValidator(_workers)] = Field(
+        default=1,
+        ge=1,
+        description='Worker processes sharing the listeners; "auto": one per CPU this process '
+        "may use (affinity, capped by a cgroup CPU limit).",
+    )
     # --- payloads, routing and delivery policy ---
     trace_headers: bool = Field(
         default=True,
