@@ -26,7 +26,7 @@ from bridge.policy import Breakers, init_policy_metrics
 from bridge.routing import build_router
 from bridge.server import LmtpServer, ServerOptions, open_tcp_listeners, open_unix_listener
 from bridge.tls import server_context
-from bridge.webhook import open_webhook_client, tls_setting
+from bridge.webhook import WebhookClient, tls_setting
 
 log = logging.getLogger("bridge")
 
@@ -115,7 +115,7 @@ async def run(
     metrics.init_metrics(route.name for route in router.routes)
     init_policy_metrics(route.name for route in router.routes)
     readiness = Readiness()
-    async with open_webhook_client(
+    async with WebhookClient(
         max_connections=settings.http_max_connections,
         verify=settings.http_verify,
         transport=webhook_transport(settings),

@@ -9,8 +9,8 @@ import random
 import re
 import ssl
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urljoin, urlsplit
@@ -384,6 +384,14 @@ class WebhookClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def __aenter__(self) -> WebhookClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # the pooled connections are closed on the way out, even when cancelled
+        with trio.move_on_after(CLOSE_GRACE, shield=True):
+            await self.aclose()
+
     async def deliver(self, route: Route, request: WebhookRequest) -> Outcome:
         """POST one recipient's copy, retrying 4xx outcomes up to ``route.retries`` times.
 
@@ -534,37 +542,3 @@ class WebhookClient:
             retry_after=response.headers.get("Retry-After"),
         )
         return answer, response.headers.get("Location")
-
-
-@asynccontextmanager
-async def open_webhook_client(
-    *,
-    max_connections: int = 1000,
-    max_keepalive_connections: int = 100,
-    verify: bool | str = True,
-    user_agent: str = DEFAULT_USER_AGENT,
-    transport: httpx.AsyncBaseTransport | None = None,
-    client_cert: str | None = None,
-    client_key: str | None = None,
-    trust_env: bool = False,
-    follow_redirects: bool = False,
-    max_redirects: int = 3,
-) -> AsyncIterator[WebhookClient]:
-    """A WebhookClient whose pooled connections are closed on the way out, even when cancelled."""
-    client = WebhookClient(
-        max_connections=max_connections,
-        max_keepalive_connections=max_keepalive_connections,
-        verify=verify,
-        user_agent=user_agent,
-        transport=transport,
-        client_cert=client_cert,
-        client_key=client_key,
-        trust_env=trust_env,
-        follow_redirects=follow_redirects,
-        max_redirects=max_redirects,
-    )
-    try:
-        yield client
-    finally:
-        with trio.move_on_after(CLOSE_GRACE, shield=True):
-            await client.aclose()

@@ -16,7 +16,7 @@ from webhook_server import Step, WebhookServer
 
 from bridge import webhook
 from bridge.routing import Route
-from bridge.webhook import WebhookClient, WebhookRequest, open_webhook_client
+from bridge.webhook import WebhookClient, WebhookRequest
 
 RCPT = "bob@example.org"
 SECRET_HEADER = "Bearer s3cr3t-t0ken"
@@ -47,13 +47,13 @@ def request(url: str, body: bytes = b'{"hello": "world"}') -> WebhookRequest:
 
 @pytest.fixture
 async def client() -> AsyncIterator[WebhookClient]:
-    async with open_webhook_client() as opened:
+    async with WebhookClient() as opened:
         yield opened
 
 
 @pytest.fixture
 async def redirecting_client() -> AsyncIterator[WebhookClient]:
-    async with open_webhook_client(follow_redirects=True, max_redirects=2) as opened:
+    async with WebhookClient(follow_redirects=True, max_redirects=2) as opened:
         yield opened
 
 
@@ -161,7 +161,7 @@ async def test_redirect_from_https_to_http_is_refused(
     tls_server: WebhookServer, ca_file: str
 ) -> None:
     tls_server.behave(RCPT, status=307, headers={"Location": "http://127.0.0.1:9/hook"})
-    async with open_webhook_client(verify=ca_file, follow_redirects=True) as opened:
+    async with WebhookClient(verify=ca_file, follow_redirects=True) as opened:
         outcome = await opened.deliver(route(tls_server.url, retries=0), request(tls_server.url))
     assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: to a http URL"
 
@@ -210,7 +210,7 @@ async def test_tls_is_verified_by_default(client: WebhookClient, tls_server: Web
 
 
 async def test_custom_ca_bundle(tls_server: WebhookServer, ca_file: str) -> None:
-    async with open_webhook_client(verify=ca_file) as opened:
+    async with WebhookClient(verify=ca_file) as opened:
         outcome = await opened.deliver(route(tls_server.url), request(tls_server.url))
     assert outcome.reply.code == 250
 
@@ -221,7 +221,7 @@ async def test_client_certificate_mtls(
     cert = ca.issue_cert("bridge.example.org")
     combined = tmp_path / "client.pem"  # key and chain in one file
     cert.private_key_and_cert_chain_pem.write_to_path(str(combined))
-    async with open_webhook_client(verify=ca_file, client_cert=str(combined)) as opened:
+    async with WebhookClient(verify=ca_file, client_cert=str(combined)) as opened:
         outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
     assert outcome.reply.code == 250
     subject_alt_names = mtls_server.peer_certs[-1]["subjectAltName"]
@@ -231,9 +231,7 @@ async def test_client_certificate_mtls(
     key, chain = tmp_path / "client.key", tmp_path / "client.crt"
     cert.private_key_pem.write_to_path(str(key))
     cert.cert_chain_pems[0].write_to_path(str(chain))
-    async with open_webhook_client(
-        verify=ca_file, client_cert=str(chain), client_key=str(key)
-    ) as opened:
+    async with WebhookClient(verify=ca_file, client_cert=str(chain), client_key=str(key)) as opened:
         outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
     assert outcome.reply.code == 250
 
@@ -261,7 +259,7 @@ async def test_client_certificate_through_the_default_h11_transport(
     )
     transport = webhook_transport(settings)
     assert isinstance(transport, H11Transport)
-    async with open_webhook_client(transport=transport) as opened:
+    async with WebhookClient(transport=transport) as opened:
         outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
     assert outcome.reply.code == 250
     assert ("DNS", "bridge.example.org") in mtls_server.peer_certs[-1]["subjectAltName"]
@@ -270,7 +268,7 @@ async def test_client_certificate_through_the_default_h11_transport(
 async def test_without_a_client_certificate_mtls_fails_retryably(
     mtls_server: WebhookServer, ca_file: str
 ) -> None:
-    async with open_webhook_client(verify=ca_file) as opened:
+    async with WebhookClient(verify=ca_file) as opened:
         outcome = await opened.deliver(route(mtls_server.url), request(mtls_server.url))
     assert outcome.reply.code == 451 and outcome.error in ("tls", "reset")
     assert mtls_server.requests == []
@@ -292,7 +290,7 @@ def proxy_env(monkeypatch: pytest.MonkeyPatch, other_server: WebhookServer) -> W
 async def test_proxy_environment_ignored_unless_enabled(
     proxy_env: WebhookServer, webhook_server: WebhookServer
 ) -> None:
-    async with open_webhook_client() as opened:
+    async with WebhookClient() as opened:
         outcome = await opened.deliver(route(webhook_server.url), request(webhook_server.url))
     assert outcome.reply.code == 250
     assert len(webhook_server.requests) == 1 and proxy_env.requests == []
@@ -301,7 +299,7 @@ async def test_proxy_environment_ignored_unless_enabled(
 async def test_proxy_environment_used_when_enabled(
     proxy_env: WebhookServer, webhook_server: WebhookServer
 ) -> None:
-    async with open_webhook_client(trust_env=True) as opened:
+    async with WebhookClient(trust_env=True) as opened:
         outcome = await opened.deliver(route(webhook_server.url), request(webhook_server.url))
     assert outcome.reply.code == 250
     assert webhook_server.requests == []
@@ -326,7 +324,7 @@ async def test_secrets_never_in_reprs_or_logs(
     assert secret not in repr(routed) and SECRET_HEADER not in repr(routed)
     webhook_server.behave(RCPT, [Step(503), Step(200)])
     with caplog.at_level(logging.DEBUG):
-        async with open_webhook_client() as opened:
+        async with WebhookClient() as opened:
             outcome = await opened.deliver(routed, request(webhook_server.url))
     assert outcome.reply.code == 250
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)

@@ -26,7 +26,7 @@ from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.textstream import SpooledText
 from bridge.transaction import READ_CHUNK, Envelope, MessageBuffer, Recipient
-from bridge.webhook import open_webhook_client
+from bridge.webhook import WebhookClient
 
 ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
 ENVELOPE = Envelope(
@@ -424,7 +424,7 @@ async def test_deliverer_sends_equal_bodies_and_closes_the_text(
     async def emit(batch: Sequence[Reply]) -> None:
         replies.extend(batch)
 
-    async with open_webhook_client() as client:
+    async with WebhookClient() as client:
         deliverer = Deliverer(client, "bridge.example.com")
         before = spool_files()
         txn = Transaction(ENVELOPE, [rcpts[0], rcpts[1], rcpts[0]], buf)

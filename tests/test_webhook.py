@@ -24,7 +24,6 @@ from bridge.webhook import (
     WebhookRequest,
     map_response,
     map_transport_error,
-    open_webhook_client,
     parse_reply,
     sanitize_text,
 )
@@ -39,7 +38,7 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 async def client() -> AsyncIterator[WebhookClient]:
-    async with open_webhook_client(max_connections=20) as opened:
+    async with WebhookClient(max_connections=20) as opened:
         yield opened
 
 
@@ -345,7 +344,7 @@ async def test_tls_certificate_error_mocked() -> None:
             raise httpx.ConnectError("TLS handshake failed", request=request) from exc
 
     url = "https://hook.example.test/hook"
-    async with open_webhook_client(transport=httpx.MockTransport(handler)) as mocked:
+    async with WebhookClient(transport=httpx.MockTransport(handler)) as mocked:
         outcome = await mocked.deliver(route_for(url), request_for(url))
     assert (outcome.reply.code, outcome.reply.status, outcome.error) == (451, "4.4.1", "tls")
 
