@@ -263,6 +263,26 @@ async def start_in_process(
     return running
 
 
+async def open_session(running: app.Running) -> AsyncLmtp:
+    """An LMTP session with the in-process bridge, greeted."""
+    client = await AsyncLmtp.connect(running.lmtp_addresses[0])
+    await client.greet()
+    return client
+
+
+async def metrics_text(running: app.Running) -> str:
+    status, text = await trio.to_thread.run_sync(
+        http_get, f"http://127.0.0.1:{running.metrics_port}/metrics"
+    )
+    assert status == 200
+    return text
+
+
+def codes(replies: list[ServerReply]) -> list[str]:
+    """Replies as "250 2.0.0" strings, easy to compare."""
+    return [f"{r.code} {r.status}" for r in replies]
+
+
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
     """A blocking GET (call through trio.to_thread from trio code): (status, body)."""
     try:

@@ -18,20 +18,14 @@ from bridge_process import (
     AsyncLmtp,
     ServerReply,
     StartBridge,
+    codes,
     data_section,
-    http_get,
     message,
     metric_value,
+    metrics_text,
+    open_session,
 )
 from webhook_server import WebhookServer
-
-from bridge.app import Running
-
-
-async def open_session(running: Running) -> AsyncLmtp:
-    client = await AsyncLmtp.connect(running.lmtp_addresses[0])
-    await client.greet()
-    return client
 
 
 async def transaction(
@@ -47,18 +41,6 @@ async def transaction(
     assert (await client.command("DATA")).code == 354
     await client.send(data_section(msg))
     return rcpt_replies, [await client.reply() for _ in range(accepted)]
-
-
-async def metrics_text(running: Running) -> str:
-    status, text = await trio.to_thread.run_sync(
-        http_get, f"http://127.0.0.1:{running.metrics_port}/metrics"
-    )
-    assert status == 200
-    return text
-
-
-def codes(replies: list[ServerReply]) -> list[str]:
-    return [f"{r.code} {r.status}" for r in replies]
 
 
 async def test_circuit_breaker_defers_at_rcpt_then_probes_and_closes(

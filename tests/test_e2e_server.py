@@ -18,11 +18,14 @@ from bridge_process import (
     AsyncLmtp,
     ServerReply,
     StartBridge,
+    codes,
     data_section,
     free_port,
     http_get,
     message,
     metric_value,
+    metrics_text,
+    open_session,
     settings_for,
     short_tempdir,
     start_in_process,
@@ -30,14 +33,6 @@ from bridge_process import (
 )
 from standardwebhooks import Webhook
 from webhook_server import RecordedRequest, WebhookServer
-
-from bridge.app import Running
-
-
-async def open_session(running: Running) -> AsyncLmtp:
-    client = await AsyncLmtp.connect(running.lmtp_addresses[0])
-    await client.greet()
-    return client
 
 
 async def send_envelope(
@@ -62,18 +57,6 @@ async def transaction(
     accepted = sum(1 for r in rcpt_replies if r.code == 250)
     await client.send(data_section(msg))
     return [await client.reply() for _ in range(accepted)]
-
-
-async def metrics_text(running: Running) -> str:
-    status, text = await trio.to_thread.run_sync(
-        http_get, f"http://127.0.0.1:{running.metrics_port}/metrics"
-    )
-    assert status == 200
-    return text
-
-
-def codes(replies: list[ServerReply]) -> list[str]:
-    return [f"{r.code} {r.status}" for r in replies]
 
 
 async def test_replies_come_in_rcpt_order_one_per_accepted_recipient(
