@@ -11,7 +11,6 @@ import os
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -19,40 +18,13 @@ from typing import Any
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+from payload_samples import ENVELOPE, ROUTE, smtp_source
 
 from bridge import mailpolicy, mime, mimebody
 from bridge.mime import ParsedMessage
 from bridge.payload import build_body
-from bridge.routing import Route
 from bridge.signing import delivery_id
-from bridge.transaction import Envelope, MessageBuffer, Recipient
-
-ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
-ENVELOPE = Envelope(
-    mail_from="alice@example.org",
-    lhlo="mx1.example.org",
-    client_address="127.0.0.1",
-    body="8BITMIME",
-    smtputf8=False,
-    size=None,
-    received_at=datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC),
-)
-
-
-def smtp_source(size: int) -> bytes:
-    """What Postfix's ``smtp-source -L -l size`` sends (the benchmark's messages)."""
-    lines = []
-    left, i = size, 1
-    while left > 80:
-        lines.append(b"%d" % (i % 10) + b"X" * 77 + b"\r\n")
-        left, i = left - 80, i + 1
-    lines.append(b"X" * left + b"\r\n")
-    head = (
-        b"From: <a@example.com>\r\nTo: <b@example.com>\r\n"
-        b"Date: Sat, 28 Nov 2026 14:42:08 +0000 (UTC)\r\nMessage-Id: <4193.0003.0000@vm>\r\n\r\n"
-    )
-    return head + b"".join(lines)
-
+from bridge.transaction import MessageBuffer, Recipient
 
 SMTP_SOURCE_SIZES = [4096, 256 * 1024, 10 * 1024 * 1024]
 DEFAULT_MIN = mimebody._FAST_BODY_MIN

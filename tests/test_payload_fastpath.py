@@ -8,7 +8,7 @@ import os
 import string
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from email.message import Message
 from email.parser import BytesParser
 from pathlib import Path
@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from payload_samples import ENVELOPE, ROUTE
 
 from bridge import charsets, mailpolicy, mimeheaders
 from bridge.mime import ParsedMessage
 from bridge.payload import build_body
 from bridge.pieces import _dumps, _Lazy
-from bridge.routing import Route
 from bridge.signing import delivery_id
-from bridge.transaction import Envelope, MessageBuffer, Recipient
+from bridge.transaction import MessageBuffer, Recipient
 
 ADDRESS_NAMES = [
     "From",
@@ -389,26 +389,15 @@ def test_known_forms(name: str, value: str, answered: bool) -> None:
 
 # --- whole messages: the JSON body with the fast paths on equals it with them off -------
 
-ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
-
 
 def json_body(raw: bytes, fast: bool) -> bytes:
     buf = MessageBuffer(1 << 20)
     buf.write(raw)
-    envelope = Envelope(
-        mail_from="alice@example.org",
-        lhlo="mx1.example.org",
-        client_address="127.0.0.1",
-        body="8BITMIME",
-        smtputf8=False,
-        size=None,
-        received_at=datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC),
-    )
     rcpt = Recipient(address="bob@example.net", route=ROUTE)
     with fast_headers(fast):
         parsed = ParsedMessage.parse(raw)
     body = build_body(
-        "json", envelope, rcpt, buf, parsed, delivery_id(buf.digest(), rcpt.address), "bridge"
+        "json", ENVELOPE, rcpt, buf, parsed, delivery_id(buf.digest(), rcpt.address), "bridge"
     )
     data = b"".join(body.chunks())
     assert len(data) == body.length

@@ -10,11 +10,11 @@ import tempfile
 import tracemalloc
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from payload_samples import ENVELOPE, ROUTE, SMTP_SOURCE_HEAD, smtp_source, smtp_source_lines
 from webhook_server import Step, WebhookServer
 
 from bridge import mime, mimebody, webhook
@@ -25,42 +25,13 @@ from bridge.payload import build_body
 from bridge.routing import Route
 from bridge.signing import delivery_id
 from bridge.textstream import SpooledText
-from bridge.transaction import READ_CHUNK, Envelope, MessageBuffer, Recipient
+from bridge.transaction import READ_CHUNK, MessageBuffer, Recipient
 from bridge.webhook import WebhookClient
 
-ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
-ENVELOPE = Envelope(
-    mail_from="alice@example.org",
-    lhlo="mx1.example.org",
-    client_address="127.0.0.1",
-    body="8BITMIME",
-    smtputf8=False,
-    size=None,
-    received_at=datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC),
-)
 RECIPIENTS = [
     Recipient(address="bob@example.net", route=ROUTE),
     Recipient(address="carol+news@example.org", route=ROUTE, orcpt="rfc822;carol@example.org"),
 ]
-HEAD = (
-    b"From: <a@example.com>\r\nTo: <b@example.com>\r\n"
-    b"Date: Sat, 28 Nov 2026 14:42:08 +0000 (UTC)\r\nMessage-Id: <4193.0003.0000@vm>\r\n"
-)
-
-
-def lines(size: int) -> bytes:
-    """The body ``smtp-source -L -l size`` sends: "1XXX...", "2XXX...", 80 bytes a line."""
-    out = []
-    left, i = size, 1
-    while left > 80:
-        out.append(b"%d" % (i % 10) + b"X" * 77 + b"\r\n")
-        left, i = left - 80, i + 1
-    out.append(b"X" * left + b"\r\n")
-    return b"".join(out)
-
-
-def smtp_source(size: int) -> bytes:
-    return HEAD + b"\r\n" + lines(size)
 
 
 def make_buffer(
@@ -168,8 +139,8 @@ def edged(token: bytes) -> bytes:
     """A ~1.3 MiB message with ``token`` just before, at and after the places where the
     pieces are cut: every READ_CHUNK bytes of the message (a spooled message is read so) and
     of the body (an in-memory message is sliced so)."""
-    head = HEAD + b"Subject: edges\r\n\r\n"
-    body = bytearray(lines(5 * READ_CHUNK + 1000))
+    head = SMTP_SOURCE_HEAD + b"Subject: edges\r\n\r\n"
+    body = bytearray(smtp_source_lines(5 * READ_CHUNK + 1000))
     places = [k * READ_CHUNK + d - len(head) for k, d in ((1, -2), (2, -1), (3, 0), (4, 1))]
     places += [k * READ_CHUNK + d for k, d in ((1, -1), (2, 0), (3, 1), (4, -2))]
     for at in places:
@@ -204,7 +175,7 @@ def single_part(
     extra: bytes = b"",
 ) -> bytes:
     ctype = content_type + (f'; charset="{charset}"' if charset else "")
-    return HEAD + b"Content-Type: " + ctype.encode() + b"\r\n" + extra + b"\r\n" + body
+    return SMTP_SOURCE_HEAD + b"Content-Type: " + ctype.encode() + b"\r\n" + extra + b"\r\n" + body
 
 
 def repeat(text: str, codec: str, size: int = 100_000) -> bytes:
@@ -262,8 +233,8 @@ def test_kinds_of_single_part(
 @pytest.mark.parametrize("spooled", [False, True], ids=["memory", "spooled"])
 def test_multipart_message_takes_the_whole_parse(spooled: bool) -> None:
     raw = (
-        HEAD + b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n--b\r\n'
-        b"Content-Type: text/plain\r\n\r\n" + lines(200_000) + b"--b--\r\n"
+        SMTP_SOURCE_HEAD + b'Content-Type: multipart/alternative; boundary="b"\r\n\r\n--b\r\n'
+        b"Content-Type: text/plain\r\n\r\n" + smtp_source_lines(200_000) + b"--b--\r\n"
     )
     assert_same(raw, spooled, text_spooled=False)
 
@@ -272,7 +243,7 @@ def test_multipart_message_takes_the_whole_parse(spooled: bool) -> None:
 
 
 def with_headers(extra: bytes, body_size: int = 300_000) -> bytes:
-    return HEAD + extra + b"\r\n" + lines(body_size)
+    return SMTP_SOURCE_HEAD + extra + b"\r\n" + smtp_source_lines(body_size)
 
 
 @pytest.mark.parametrize(
@@ -287,10 +258,10 @@ def with_headers(extra: bytes, body_size: int = 300_000) -> bytes:
         (smtp_source(300_000).replace(b"\r\n", b"\n"), True),
         (smtp_source(300_000).replace(b"\r\n", b"\r"), True),
         # a line that is no header ends the headers: the body with a defect, no fast path
-        (HEAD + b"not a header\r\n\r\n" + lines(300_000), False),
+        (SMTP_SOURCE_HEAD + b"not a header\r\n\r\n" + smtp_source_lines(300_000), False),
         (b"From nobody Sat Nov 28 14:42:08 2026\r\n" + smtp_source(300_000), False),
         # no body separator at all
-        (HEAD, False),
+        (SMTP_SOURCE_HEAD, False),
     ],
     ids=["long-header", "many-headers", "huge-header", "lf", "cr", "no-header", "from", "none"],
 )
@@ -301,7 +272,7 @@ def test_header_blocks(raw: bytes, text_spooled: bool) -> None:
 @pytest.mark.parametrize("shift", range(-3, 4))
 def test_blank_line_across_the_first_piece_edge(shift: int) -> None:
     # The header block ends right at (or around) the end of the first piece read.
-    filler = READ_CHUNK - len(HEAD) - len(b"X-Fill: \r\n") - 2 + shift
+    filler = READ_CHUNK - len(SMTP_SOURCE_HEAD) - len(b"X-Fill: \r\n") - 2 + shift
     raw = with_headers(b"X-Fill: " + b"f" * filler + b"\r\n")
     assert_same(raw, True, text_spooled=True)
 
