@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from bridge import __version__, metrics
-from bridge.config import ListenAddress, Settings, parse_listen
-from bridge.delivery import Deliverer
-from bridge.h11transport import H11Transport
-from bridge.httpserver import Readiness, observability_handler, serve_http
+from bridge import __version__
+from bridge.base.listen import ListenAddress, parse_listen
+from bridge.config import Settings
+from bridge.config.routes import build_router
+from bridge.delivery.breaker import Breakers, init_policy_metrics
+from bridge.delivery.deliverer import Deliverer
 from bridge.lmtp.connection import Limits
-from bridge.logs import log_event
-from bridge.policy import Breakers, init_policy_metrics
-from bridge.routing import build_router
-from bridge.server import LmtpServer, ServerOptions, open_tcp_listeners, open_unix_listener
-from bridge.tls import server_context
-from bridge.webhook import WebhookClient, tls_setting
+from bridge.ops import metrics
+from bridge.ops.httpserver import Readiness, observability_handler, serve_http
+from bridge.ops.logs import log_event
+from bridge.server.sessions import LmtpServer, ServerOptions, open_tcp_listeners, open_unix_listener
+from bridge.server.tls import server_context
+from bridge.webhook.client import WebhookClient, tls_setting
+from bridge.webhook.transport import H11Transport
 
 log = logging.getLogger("bridge")
 

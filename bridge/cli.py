@@ -116,7 +116,7 @@ def _load(
 
 
 def _serve(settings: Settings) -> int:
-    from bridge.logs import configure_logging
+    from bridge.ops.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
     if settings.workers > 1:
@@ -139,8 +139,8 @@ def _serve(settings: Settings) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from bridge.demo import demo_handler
-    from bridge.httpserver import serve_http
-    from bridge.logs import configure_logging
+    from bridge.ops.httpserver import serve_http
+    from bridge.ops.logs import configure_logging
 
     receiver = f"http://127.0.0.1:{args.receiver_port}/hook"
     settings = _load(args, quiet_about_webhook=True) or _load(args, {"webhook_url": receiver})

@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from bridge.config import parse_listen
+from bridge.base.listen import parse_listen
 
 
 class LmtpClientError(Exception):

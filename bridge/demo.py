@@ -20,7 +20,7 @@ from email.message import EmailMessage, Message
 from typing import Any, TextIO
 from urllib.parse import unquote
 
-from bridge.httpserver import Handler, HttpRequest, HttpResponse, text_response
+from bridge.ops.httpserver import Handler, HttpRequest, HttpResponse, text_response
 
 TEXT_LINES = 5
 TEXT_LINE_WIDTH = 100

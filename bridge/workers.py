@@ -19,7 +19,8 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-from bridge.config import ListenAddress, Settings, parse_listen
+from bridge.base.listen import ListenAddress, parse_listen
+from bridge.config import Settings
 
 log = logging.getLogger("bridge.workers")
 
@@ -145,9 +146,9 @@ def _worker(settings: Settings, sockets: list[socket.socket], number: int) -> in
 def _supervise(settings: Settings, children: dict[int, int]) -> int:
     import trio
 
-    from bridge import metrics
-    from bridge.httpserver import Readiness, observability_handler, serve_http
-    from bridge.logs import log_event
+    from bridge.ops import metrics
+    from bridge.ops.httpserver import Readiness, observability_handler, serve_http
+    from bridge.ops.logs import log_event
 
     exit_code = 0
 
@@ -228,7 +229,7 @@ def multiprocess_handler(inner: Callable):  # type: ignore[no-untyped-def,type-a
     import prometheus_client
     from prometheus_client import CollectorRegistry, multiprocess
 
-    from bridge.httpserver import HttpRequest, HttpResponse
+    from bridge.ops.httpserver import HttpRequest, HttpResponse
 
     async def handle(request: HttpRequest) -> HttpResponse:
         if request.path == "/metrics" and request.method == "GET":

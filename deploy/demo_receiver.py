@@ -15,10 +15,10 @@ import sys
 
 import trio
 
-from bridge.config import parse_listen
+from bridge.base.listen import parse_listen
 from bridge.demo import demo_handler
-from bridge.httpserver import Handler, serve_http
-from bridge.logs import configure_logging
+from bridge.ops.httpserver import Handler, serve_http
+from bridge.ops.logs import configure_logging
 
 
 def main() -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from bridge.routing import Route
-from bridge.transaction import Envelope
+from bridge.base.route import Route
+from bridge.base.transaction import Envelope
 
 ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
 ENVELOPE = Envelope(

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from bridge.mime import ParsedMessage
+from bridge.mail.parsed import ParsedMessage
 
 
 def corpus_dir() -> Path:

@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.config import (
-    REDACTED,
-    ConfigError,
-    ListenAddress,
-    Settings,
-    load_settings,
-    parse_listen,
-    redacted_dump,
-)
+from bridge.base.listen import ListenAddress, parse_listen
+from bridge.config import REDACTED, ConfigError, Settings, load_settings, redacted_dump
 
 URL = "http://127.0.0.1:8080/hook"
 SECRET = "whsec_" + base64.b64encode(b"s3cr3t-key-material-0123456789ab").decode()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge import cpus
 from bridge.config import ConfigError, load_settings
+from bridge.server import cpus
 
 URL = "http://127.0.0.1:8080/hook"
 MINE = len(os.sched_getaffinity(0))
@@ -53,7 +53,7 @@ def test_a_quota_caps_the_affinity_and_rounds_up(tmp_path: Path) -> None:
 
 
 def test_workers_auto_in_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("bridge.config.available_cpus", lambda: 3)
+    monkeypatch.setattr("bridge.config.settings.available_cpus", lambda: 3)
     env = {"LMTP_BRIDGE_WEBHOOK_URL": URL, "LMTP_BRIDGE_WORKERS": "auto"}
     assert load_settings(environ=env).workers == 3
     assert (

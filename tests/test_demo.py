@@ -13,7 +13,7 @@ import trio
 from standardwebhooks import Webhook
 
 from bridge.demo import demo_handler
-from bridge.httpserver import HttpRequest, serve_http
+from bridge.ops.httpserver import HttpRequest, serve_http
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXk="

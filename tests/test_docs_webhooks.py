@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from bridge.signing import Signer
+from bridge.webhook.signing import Signer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
 

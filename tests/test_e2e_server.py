@@ -399,7 +399,7 @@ async def test_unix_socket_file_is_removed_when_the_bridge_ends(
 async def test_a_bug_in_one_session_answers_451_then_421_and_the_server_goes_on(
     start_bridge: StartBridge, webhook_server: WebhookServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bridge.delivery import Deliverer
+    from bridge.delivery.deliverer import Deliverer
 
     running = await start_bridge()
     errors, internal = "lmtp_bridge_protocol_errors_total", {"kind": "internal"}

@@ -14,8 +14,8 @@ import pytest
 import trio
 import trustme
 
-from bridge.h11transport import H11Transport
-from bridge.webhook import classify_transport_error
+from bridge.webhook.client import classify_transport_error
+from bridge.webhook.transport import H11Transport
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -185,7 +185,7 @@ async def test_a_request_on_a_dead_connection_is_retried_only_if_no_byte_left(
             conn.reset()
         return False
 
-    monkeypatch.setattr("bridge.h11transport._Connection.looks_alive", lambda self: True)
+    monkeypatch.setattr("bridge.webhook.transport._Connection.looks_alive", lambda self: True)
     server = await serve(close_after_one)
     async with client() as http:
         assert (await http.post(server.url, content=b"one")).status_code == 200

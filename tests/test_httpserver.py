@@ -11,8 +11,8 @@ import pytest
 import trio
 import trio.testing
 
-from bridge import httpserver
-from bridge.httpserver import (
+from bridge.ops import httpserver
+from bridge.ops.httpserver import (
     HttpRequest,
     HttpResponse,
     Readiness,
@@ -20,7 +20,7 @@ from bridge.httpserver import (
     serve_http,
     serve_http_connection,
 )
-from bridge.metrics import init_metrics
+from bridge.ops.metrics import init_metrics
 
 
 async def echo(request: HttpRequest) -> HttpResponse:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bridge.logs import configure_logging, log_event
+from bridge.ops.logs import configure_logging, log_event
 
 logger = logging.getLogger("bridge.test")
 

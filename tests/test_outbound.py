@@ -14,9 +14,9 @@ import trustme
 from prometheus_client import REGISTRY
 from webhook_server import Step, WebhookServer
 
-from bridge import webhook
-from bridge.routing import Route
-from bridge.webhook import WebhookClient, WebhookRequest
+from bridge.base.route import Route
+from bridge.webhook import client as webhook
+from bridge.webhook.client import WebhookClient, WebhookRequest
 
 RCPT = "bob@example.org"
 SECRET_HEADER = "Bearer s3cr3t-t0ken"
@@ -75,7 +75,7 @@ async def test_retry_after_is_logged_and_counted_not_obeyed(
 ) -> None:
     webhook_server.behave(RCPT, status=429, body="slow down", headers={"Retry-After": "3600"})
     before = sample("lmtp_bridge_webhook_retry_after_total", "ra")
-    with caplog.at_level(logging.INFO, logger="bridge.webhook"):
+    with caplog.at_level(logging.INFO, logger="bridge.webhook.client"):
         outcome = await client.deliver(
             route(webhook_server.url, name="ra", retries=1), request(webhook_server.url)
         )
@@ -242,7 +242,7 @@ async def test_client_certificate_through_the_default_h11_transport(
     # the bridge's default transport is bridge/h11transport.py, built from the settings
     from bridge.app import webhook_transport
     from bridge.config import load_settings
-    from bridge.h11transport import H11Transport
+    from bridge.webhook.transport import H11Transport
 
     cert = ca.issue_cert("bridge.example.org")
     key, chain = tmp_path / "client.key", tmp_path / "client.crt"

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bridge.mime import ParsedMessage
-from bridge.payload import WebhookBody, build_body, envelope_object
-from bridge.routing import Route
-from bridge.signing import delivery_id
-from bridge.transaction import Envelope, MessageBuffer, Recipient
+from bridge.base.route import Route
+from bridge.base.transaction import Envelope, MessageBuffer, Recipient
+from bridge.mail.parsed import ParsedMessage
+from bridge.webhook.payload import WebhookBody, build_body, envelope_object
+from bridge.webhook.signing import delivery_id
 
 ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
 RECEIVED = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
@@ -717,7 +717,7 @@ def test_large_base64_parts_decode_as_the_stdlib_does(tail: bytes) -> None:
 
 def test_encoder_writes_json_module_bytes_for_every_code_point() -> None:
     """Payloads are encoded with orjson; receivers were promised the json module's bytes."""
-    from bridge.pieces import _encode
+    from bridge.webhook.pieces import _encode
 
     chars = [chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
     for i in range(0, len(chars), 4096):
@@ -737,7 +737,7 @@ def test_encoder_writes_json_module_bytes_for_every_code_point() -> None:
     )
 )
 def test_encoder_matches_json_module_on_payload_shaped_values(value: Any) -> None:
-    from bridge.pieces import _dumps
+    from bridge.webhook.pieces import _dumps
 
     try:
         expected = json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")

@@ -20,11 +20,13 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from payload_samples import ENVELOPE, ROUTE, smtp_source
 
-from bridge import mailpolicy, mime, mimebody
-from bridge.mime import ParsedMessage
-from bridge.payload import build_body
-from bridge.signing import delivery_id
-from bridge.transaction import MessageBuffer, Recipient
+from bridge.base.transaction import MessageBuffer, Recipient
+from bridge.mail import body as mimebody
+from bridge.mail import emailpolicy as mailpolicy
+from bridge.mail import parsed as mime
+from bridge.mail.parsed import ParsedMessage
+from bridge.webhook.payload import build_body
+from bridge.webhook.signing import delivery_id
 
 SMTP_SOURCE_SIZES = [4096, 256 * 1024, 10 * 1024 * 1024]
 DEFAULT_MIN = mimebody._FAST_BODY_MIN

@@ -19,12 +19,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from payload_samples import ENVELOPE, ROUTE
 
-from bridge import charsets, mailpolicy, mimeheaders
-from bridge.mime import ParsedMessage
-from bridge.payload import build_body
-from bridge.pieces import _dumps, _Lazy
-from bridge.signing import delivery_id
-from bridge.transaction import MessageBuffer, Recipient
+from bridge.base.transaction import MessageBuffer, Recipient
+from bridge.mail import charsets
+from bridge.mail import emailpolicy as mailpolicy
+from bridge.mail import headers as mimeheaders
+from bridge.mail.parsed import ParsedMessage
+from bridge.webhook.payload import build_body
+from bridge.webhook.pieces import _dumps, _Lazy
+from bridge.webhook.signing import delivery_id
 
 ADDRESS_NAMES = [
     "From",
@@ -71,7 +73,7 @@ def header(name: str, raw: str, fast: bool) -> Any:
 
 def view(h: Any) -> dict[str, Any]:
     """Everything of a header that reaches the payload, as the payload reads it."""
-    defects = charsets._Defects()
+    defects = charsets.Defects()
     defects.add_all("h", getattr(h, "defects", ()))
     dt = getattr(h, "datetime", None)
     return {

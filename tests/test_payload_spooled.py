@@ -17,16 +17,18 @@ from hypothesis import strategies as st
 from payload_samples import ENVELOPE, ROUTE, SMTP_SOURCE_HEAD, smtp_source, smtp_source_lines
 from webhook_server import Step, WebhookServer
 
-from bridge import mime, mimebody, webhook
-from bridge.delivery import Deliverer, Transaction
+from bridge.base.route import Route
+from bridge.base.transaction import READ_CHUNK, MessageBuffer, Recipient
+from bridge.delivery.deliverer import Deliverer, Transaction
 from bridge.lmtp.events import Reply
-from bridge.mime import ParsedMessage
-from bridge.payload import build_body
-from bridge.routing import Route
-from bridge.signing import delivery_id
-from bridge.textstream import SpooledText
-from bridge.transaction import READ_CHUNK, MessageBuffer, Recipient
-from bridge.webhook import WebhookClient
+from bridge.mail import body as mimebody
+from bridge.mail import parsed as mime
+from bridge.mail.parsed import ParsedMessage
+from bridge.webhook import client as webhook
+from bridge.webhook.client import WebhookClient
+from bridge.webhook.payload import build_body
+from bridge.webhook.signing import delivery_id
+from bridge.webhook.textstream import SpooledText
 
 RECIPIENTS = [
     Recipient(address="bob@example.net", route=ROUTE),

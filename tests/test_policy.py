@@ -9,11 +9,11 @@ import httpx
 import pytest
 import trio
 
-from bridge import webhook
+from bridge.base.route import Route
 from bridge.config import MAX_RETRY_BUDGET, ConfigError, load_settings
-from bridge.policy import BREAKER_OPEN, Breakers, CircuitBreaker, State
-from bridge.routing import Route
-from bridge.webhook import WebhookClient, WebhookRequest
+from bridge.delivery.breaker import BREAKER_OPEN, Breakers, CircuitBreaker, State
+from bridge.webhook import client as webhook
+from bridge.webhook.client import WebhookClient, WebhookRequest
 
 # Postfix's lmtp_data_done_timeout: how long it waits for each reply after the data.
 POSTFIX_DATA_DONE_TIMEOUT = 600.0

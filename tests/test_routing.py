@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.base.route import Route
 from bridge.config import Settings
-from bridge.routing import Route, Router, build_router, compile_match
+from bridge.config.routes import build_router
+from bridge.delivery.routing import Router, compile_match
 
 URL = "http://127.0.0.1:8080/default"
 SECRET = "whsec_" + base64.b64encode(b"global-key-material-0123456789ab").decode()

@@ -9,8 +9,8 @@ import re
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from bridge.signing import Signer, delivery_id, parse_secret
-from bridge.transaction import MessageBuffer
+from bridge.base.transaction import MessageBuffer
+from bridge.webhook.signing import Signer, delivery_id, parse_secret
 
 SECRET_A = "whsec_" + base64.b64encode(b"A" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(bytes(range(40))).decode()

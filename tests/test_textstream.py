@@ -19,10 +19,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from bridge.charsets import _declared_charset, _decode_text, _Defects
-from bridge.mime import ParsedMessage
-from bridge.textstream import SpooledText, _defined_bytes, _is_single_byte
-from bridge.transaction import READ_CHUNK, MessageBuffer
+from bridge.base.transaction import READ_CHUNK, MessageBuffer
+from bridge.mail.charsets import Defects, _declared_charset, _decode_text
+from bridge.mail.parsed import ParsedMessage
+from bridge.webhook.textstream import SpooledText, _defined_bytes, _is_single_byte
 
 # Accepted whatever the bytes: the guess, UTF-8 and the single-byte codecs.
 ALWAYS = [
@@ -118,7 +118,7 @@ def reference(
     body: bytes, charset: str | None, ensure_ascii: bool
 ) -> tuple[bytes | None, list[str]]:
     """What payload.py puts in the JSON for this text (None: it cannot be UTF-8 unescaped)."""
-    defects = _Defects()
+    defects = Defects()
     text = _decode_text("part 1", text_part(charset), body, defects).replace("\r\n", "\n")
     try:
         out = json.dumps(text, ensure_ascii=ensure_ascii).encode("utf-8")
@@ -145,7 +145,7 @@ def check(
 ) -> SpooledText | None:
     buf = make_buffer(prefix, body, spooled)
     expected, expected_defects = reference(body, charset, False)
-    defects = _Defects()
+    defects = Defects()
     streamed = SpooledText.write(
         buf,
         len(prefix),
@@ -256,7 +256,7 @@ def test_crlf_split_between_chunks_becomes_one_newline(in_memory: bool) -> None:
                 0,
                 None,
                 "m",
-                _Defects(),
+                Defects(),
                 chunk_size=chunk_size,
             )
             assert streamed is not None and sent(streamed) == expected
@@ -319,7 +319,7 @@ def open_fds() -> int:
 
 
 def test_declined_without_defects_and_without_files() -> None:
-    defects = _Defects()
+    defects = Defects()
     before = open_fds()
     buf = make_buffer(b"", "x".encode("utf-16"), spooled=False)
     assert SpooledText.write(buf, 0, "utf-16", "part 1", defects) is None
@@ -371,7 +371,7 @@ def test_same_as_the_parsed_message_text() -> None:
         b"",
     ]:
         parsed = ParsedMessage.parse(header + body)
-        defects = _Defects()
+        defects = Defects()
         buf = make_buffer(header, body, spooled=True, piece=4096)
         streamed = SpooledText.write(buf, len(header), "utf-8", "message", defects)
         assert streamed is not None
@@ -386,7 +386,7 @@ def test_large_spooled_body_is_written_and_read_in_small_memory() -> None:
     buf = make_buffer(b"Subject: big\r\n\r\n", body, spooled=True, piece=64 * 1024)
     tracemalloc.start()
     try:
-        streamed = SpooledText.write(buf, 16, None, "message", _Defects())
+        streamed = SpooledText.write(buf, 16, None, "message", Defects())
         assert streamed is not None
         digest = hashlib.sha256()
         size = 0
@@ -412,7 +412,7 @@ def test_pieces_stay_small_for_a_message_held_in_one_piece(header: bytes) -> Non
     buf.getvalue()  # joins the in-memory pieces into one
     for in_memory in (False, True):
         streamed = SpooledText.write(
-            buf, len(header), None, "part 1", _Defects(), in_memory=in_memory, chunk_size=100
+            buf, len(header), None, "part 1", Defects(), in_memory=in_memory, chunk_size=100
         )
         assert streamed is not None
         for ensure_ascii in (False, True):
@@ -425,7 +425,7 @@ def test_pieces_stay_small_for_a_message_held_in_one_piece(header: bytes) -> Non
 def test_reading_after_close_fails(in_memory: bool) -> None:
     buf = make_buffer(b"", b"some text\r\n" * 100, spooled=True)
     streamed = SpooledText.write(
-        buf, 0, None, "part 1", _Defects(), in_memory=in_memory, chunk_size=100
+        buf, 0, None, "part 1", Defects(), in_memory=in_memory, chunk_size=100
     )
     assert streamed is not None
     pieces = streamed.chunks()
@@ -452,7 +452,7 @@ def test_the_message_is_read_once_for_plain_text() -> None:
         return real(chunk_size)
 
     buf.iter_chunks = counting  # type: ignore[method-assign]
-    streamed = SpooledText.write(buf, 0, None, "part 1", _Defects())
+    streamed = SpooledText.write(buf, 0, None, "part 1", Defects())
     assert streamed is not None and streamed.codec == "utf-8"
     assert reads == 1
     streamed.close()
@@ -462,4 +462,4 @@ def test_the_message_is_read_once_for_plain_text() -> None:
 def test_chunk_size_must_be_positive(chunk_size: int) -> None:
     buf = make_buffer(b"", b"x", spooled=False)
     with pytest.raises(ValueError):
-        SpooledText.write(buf, 0, None, "part 1", _Defects(), chunk_size=chunk_size)
+        SpooledText.write(buf, 0, None, "part 1", Defects(), chunk_size=chunk_size)

@@ -15,10 +15,11 @@ import trio
 from prometheus_client import REGISTRY
 from webhook_server import Step, WebhookServer
 
-from bridge import __version__, webhook
+from bridge import __version__
+from bridge.base.route import Route
 from bridge.lmtp.events import Reply
-from bridge.routing import Route
-from bridge.webhook import (
+from bridge.webhook import client as webhook
+from bridge.webhook.client import (
     Outcome,
     WebhookClient,
     WebhookRequest,
@@ -369,7 +370,7 @@ async def test_bug_is_an_outcome_not_an_exception(
         raise RuntimeError("payload bug")
 
     request = WebhookRequest(webhook_server.url, [], broken, 10)
-    with caplog.at_level(logging.ERROR, logger="bridge.webhook"):
+    with caplog.at_level(logging.ERROR, logger="bridge.webhook.client"):
         outcome = await client.deliver(route_for(webhook_server.url, retries=2), request)
     assert (outcome.reply.code, outcome.reply.status, outcome.error) == (451, "4.3.0", "internal")
     assert outcome.attempts == 3  # a 451 like any other

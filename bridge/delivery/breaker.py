@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client import Counter, Gauge
 
 from bridge.lmtp.events import Reply
+from bridge.ops.metrics import RETRY_AFTER
 
 BREAKER_OPEN = Reply(451, "4.3.0", "Webhook unavailable, try again later")
 
@@ -26,13 +27,6 @@ BREAKER_REFUSED = Counter(
 BREAKER_OPENED = Counter(
     "lmtp_bridge_circuit_breaker_opened", "Times a route's breaker opened", ["route"]
 )
-RETRY_AFTER = Counter(
-    "lmtp_bridge_webhook_retry_after",
-    "Webhook answers with a Retry-After header (logged and counted, not obeyed)",
-    ["route"],
-)
-
-
 class State(enum.IntEnum):
     CLOSED = 0
     OPEN = 1

@@ -96,6 +96,11 @@ COMMON_REPLY_CODES = (
 _M = TypeVar("_M", Counter, Gauge, Histogram)
 _children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 MAX_CACHED_CHILDREN = 4096
+RETRY_AFTER = Counter(
+    "lmtp_bridge_webhook_retry_after",
+    "Webhook answers with a Retry-After header (logged and counted, not obeyed)",
+    ["route"],
+)
 
 
 def child(metric: _M, *values: str) -> _M:

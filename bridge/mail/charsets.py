@@ -10,7 +10,7 @@ from email.message import Message
 
 # Declared charsets decoded as mail clients and browsers do (WHATWG Encoding): supersets that
 # only differ where the narrow one has control codes or nothing.
-_CHARSET_ALIASES = {
+CHARSET_ALIASES = {
     "iso-8859-1": "cp1252",
     "latin1": "cp1252",
     "latin-1": "cp1252",
@@ -34,10 +34,10 @@ _CHARSET_ALIASES = {
     "utf8": "utf-8",
 }
 
-_UNDECLARED = frozenset({"us-ascii", "ascii", "unknown-8bit", "x-unknown", "unknown", "default"})
+UNDECLARED = frozenset({"us-ascii", "ascii", "unknown-8bit", "x-unknown", "unknown", "default"})
 
 
-class _Defects:
+class Defects:
     """Parser defects as readable strings, in order, without repeats."""
 
     def __init__(self) -> None:
@@ -67,13 +67,13 @@ def _declared_charset(part: Message) -> str | None:
     return text or None
 
 
-def _decode_text(where: str, part: Message, content: bytes, defects: _Defects) -> str:
+def _decode_text(where: str, part: Message, content: bytes, defects: Defects) -> str:
     """A text part as Unicode: its declared charset (read as mail clients do), else a guess."""
     charset = _declared_charset(part)
-    if charset is None or charset in _UNDECLARED:
+    if charset is None or charset in UNDECLARED:
         return _decode_8bit(content)
     try:
-        codec = codecs.lookup(_CHARSET_ALIASES.get(charset, charset))
+        codec = codecs.lookup(CHARSET_ALIASES.get(charset, charset))
     except LookupError:
         defects.add(where, f"unknown charset {charset!r}; decoded as UTF-8 or Windows-1252")
         return _decode_8bit(content)

@@ -10,7 +10,7 @@ from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
-from bridge.charsets import _decode_8bit
+from bridge.mail.charsets import _decode_8bit
 
 # Memory: the parser is fed this many bytes at a time (never the whole message as one str).
 _FEED = 64 * 1024

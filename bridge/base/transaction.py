@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import IO, TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bridge.routing import Route
+    from bridge.base.route import Route
 
 READ_CHUNK = 256 * 1024
 

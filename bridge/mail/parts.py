@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Any
 
-from bridge.charsets import _declared_charset, _decode_text, _Defects
-from bridge.mailpolicy import _GENERATOR_POLICY
-from bridge.mimebody import _BodyRef
-from bridge.pieces import _BIG_STR, _utf8
+from bridge.mail.body import _BodyRef
+from bridge.mail.charsets import Defects, _declared_charset, _decode_text
+from bridge.mail.emailpolicy import _GENERATOR_POLICY
+from bridge.webhook.pieces import _BIG_STR, _utf8
 
 # Deeper MIME nesting than this is not looked into (it is still in "raw" and in the defects).
 MAX_MIME_DEPTH = 50
@@ -50,7 +50,7 @@ class Attachment:
         return out
 
 
-def _leaves(msg: Message, defects: _Defects) -> Iterator[tuple[str, Message]]:
+def _leaves(msg: Message, defects: Defects) -> Iterator[tuple[str, Message]]:
     """The non-multipart parts in order, each with a "part 1.2"-style location."""
     stack: list[tuple[str, Message, int]] = [("message", msg, 0)]
     while stack:
@@ -77,7 +77,7 @@ def _take_part(
     part: Message,
     fields: dict[str, Any],
     attachments: list[Attachment],
-    defects: _Defects,
+    defects: Defects,
     body: bytes | _BodyRef | None = None,
 ) -> None:
     """File one leaf part under text, html or attachments; ``body`` is its content when the
@@ -134,7 +134,7 @@ def _take_part(
     )
 
 
-def _part_bytes(where: str, part: Message, defects: _Defects) -> bytes:
+def _part_bytes(where: str, part: Message, defects: Defects) -> bytes:
     try:
         if part.is_multipart():
             # message/rfc822 and friends are parsed into sub-messages: write them back out.

@@ -12,13 +12,14 @@ from typing import Any
 
 import orjson
 
-from bridge.authresults import auth_verdicts
-from bridge.charsets import _decode_8bit, _Defects
-from bridge.mailpolicy import _feed
-from bridge.mimebody import _body_of, _buffer_head, _head_only
-from bridge.mimeheaders import _addresses, _date, _first_text, _msgids, _parsed_headers
-from bridge.mimeparts import Attachment, _leaves, _take_part
-from bridge.pieces import (
+from bridge.base.transaction import MessageBuffer
+from bridge.mail.authresults import auth_verdicts
+from bridge.mail.body import _body_of, _buffer_head, _head_only
+from bridge.mail.charsets import Defects, _decode_8bit
+from bridge.mail.emailpolicy import _feed
+from bridge.mail.headers import _addresses, _date, _first_text, _msgids, _parsed_headers
+from bridge.mail.parts import Attachment, _leaves, _take_part
+from bridge.webhook.pieces import (
     _BIG_STR,
     _b64_chunks,
     _b64_length,
@@ -29,8 +30,7 @@ from bridge.pieces import (
     _Piece,
     _splice,
 )
-from bridge.textstream import SpooledText
-from bridge.transaction import MessageBuffer
+from bridge.webhook.textstream import SpooledText
 
 # The body fast path is bridge/mimebody.py; tests/test_payload_bodyfast.py holds the JSON and
 # multipart bodies equal to the whole-message parse's.
@@ -121,7 +121,7 @@ class ParsedMessage:
     ) -> ParsedMessage:
         """The fields of ``msg``; ``body_at`` >= 0: it is the header block alone, and its body
         is ``source[body_at:]``."""
-        defects = _Defects()
+        defects = Defects()
         defects.add_all("message", msg.defects)
         headers = _parsed_headers(msg)
 

@@ -13,18 +13,18 @@ from typing import Any
 
 import trio
 
-from bridge import metrics
+from bridge.base.route import Route
+from bridge.base.transaction import Envelope, MessageBuffer, Recipient
+from bridge.delivery.breaker import Breakers
 from bridge.lmtp.events import Reply
-from bridge.logs import log_event
-from bridge.mime import ParsedMessage
-from bridge.payload import build_body
-from bridge.policy import Breakers
-from bridge.routing import Route
-from bridge.signing import Signer, delivery_id
-from bridge.transaction import Envelope, MessageBuffer, Recipient
-from bridge.webhook import Outcome, WebhookClient, WebhookRequest
+from bridge.mail.parsed import ParsedMessage
+from bridge.ops import metrics
+from bridge.ops.logs import log_event
+from bridge.webhook.client import Outcome, WebhookClient, WebhookRequest
+from bridge.webhook.payload import build_body
+from bridge.webhook.signing import Signer, delivery_id
 
-log = logging.getLogger("bridge.delivery")
+log = logging.getLogger("bridge.delivery.deliverer")
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again later")
 PARSE_IN_THREAD_ABOVE = 1 << 20  # bytes; bigger MIME parses leave the event loop free

@@ -20,8 +20,10 @@ from datetime import UTC, datetime
 
 import trio
 
-from bridge import metrics, sockio
-from bridge.delivery import Deliverer, Transaction
+from bridge.base import sockio
+from bridge.base.transaction import Envelope, MessageBuffer, Recipient
+from bridge.delivery.deliverer import Deliverer, Transaction
+from bridge.delivery.routing import Router
 from bridge.lmtp.connection import Limits, LmtpServerConnection
 from bridge.lmtp.events import (
     NEED_DATA,
@@ -37,11 +39,10 @@ from bridge.lmtp.events import (
     Reply,
     StartTls,
 )
-from bridge.logs import log_event
-from bridge.routing import Router
-from bridge.transaction import Envelope, MessageBuffer, Recipient
+from bridge.ops import metrics
+from bridge.ops.logs import log_event
 
-log = logging.getLogger("bridge.server")
+log = logging.getLogger("bridge.server.sessions")
 
 RECEIVE_SIZE = 64 * 1024
 EVICT_AFTER = 1.0  # seconds a session must have been idle before a new one may evict it

@@ -19,8 +19,10 @@ import httpx
 import trio
 
 from bridge import __version__
+from bridge.base.route import Route
 from bridge.lmtp.events import Reply
-from bridge.metrics import (
+from bridge.ops.metrics import (
+    RETRY_AFTER,
     WEBHOOK_DURATION,
     WEBHOOK_IN_FLIGHT,
     WEBHOOK_REQUESTS,
@@ -28,10 +30,8 @@ from bridge.metrics import (
     child,
     status_class,
 )
-from bridge.policy import RETRY_AFTER
-from bridge.routing import Route
 
-log = logging.getLogger("bridge.webhook")
+log = logging.getLogger("bridge.webhook.client")
 
 DEFAULT_USER_AGENT = f"lmtp-bridge/{__version__}"
 REPLY_HEADER = "X-Lmtp-Reply"

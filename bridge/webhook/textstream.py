@@ -16,10 +16,10 @@ from typing import IO
 
 import orjson
 
-from bridge.charsets import _CHARSET_ALIASES, _UNDECLARED, _Defects
-from bridge.transaction import READ_CHUNK, MessageBuffer
+from bridge.base.transaction import READ_CHUNK, MessageBuffer
+from bridge.mail.charsets import CHARSET_ALIASES, UNDECLARED, Defects
 
-# Registered by bridge.charsets: cp1252, with Latin-1 for the five bytes cp1252 leaves undefined.
+# Registered by bridge.mail.charsets: cp1252, with Latin-1 for the five bytes it leaves undefined.
 _LATIN1_FALLBACK = "bridge-latin1-fallback"
 # Stateful or multibyte codecs: taken only when the whole text decodes strictly, where an
 # incremental decode gives what one decode gives. With "replace" the two may differ at a piece
@@ -293,7 +293,7 @@ class SpooledText:
         start: int,
         charset: str | None,
         where: str,
-        defects: _Defects,
+        defects: Defects,
         *,
         in_memory: bool = False,
         chunk_size: int = READ_CHUNK,
@@ -405,7 +405,7 @@ def _fill(body: _Body, charset: str | None) -> _Choice | None:
     store emptied) only if it turns out not to be. Most mail is ASCII or UTF-8, so this
     reads the body once where deciding first would read it twice."""
     try:
-        return _decide(body, charset, _UNDECLARED, _CHARSET_ALIASES)
+        return _decide(body, charset, UNDECLARED, CHARSET_ALIASES)
     except UnicodeError:
         # Not a decode error: ISO-2022-JP's incremental decoder raises "pending buffer
         # overflow" on a long broken escape, where one decode of the whole reports a decode

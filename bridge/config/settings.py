@@ -4,18 +4,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
 import socket
-import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -23,20 +18,20 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from bridge.cpus import available_cpus
-from bridge.routing import check_url_template, compile_match
-from bridge.signing import parse_secret
+from bridge.base.listen import ListenAddress, parse_listen
+from bridge.base.route import check_url_template
+from bridge.delivery.routing import compile_match
+from bridge.server.cpus import available_cpus
+from bridge.webhook.signing import parse_secret
 
 ENV_PREFIX = "LMTP_BRIDGE_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
-REDACTED = "**********"
 # RFC 2033: LMTP must not be offered on the SMTP port.
 SMTP_PORT = 25
 # Postfix waits lmtp_data_done_timeout (600 s) for each reply after the data; a recipient's
@@ -45,71 +40,12 @@ MAX_RETRY_BUDGET = 300.0
 
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?")
 _STATUS_KEY = re.compile(r"([2-5][0-9][0-9]|[2-5]xx|timeout|error)")
 _STATUS_VALUE = re.compile(r"([245])[0-9][0-9] ([245])\.[0-9]{1,3}\.[0-9]{1,3}")
 _FILE_MODE = re.compile(r"0?[0-7]{3,4}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 # Header names whose values are credentials; redacted in dumps and never echoed in errors.
-_SENSITIVE_HEADER = re.compile(r"auth|token|secret|key|cookie|signature|password", re.I)
-_SENSITIVE_FIELDS = frozenset({"webhook_secret", "secret", "webhook_headers", "headers"})
-
-
-class ConfigError(Exception):
-    """An invalid configuration; ``problems`` holds one line per problem, naming the setting."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    """A parsed listen address: ``tcp`` with host and port, or ``unix`` with a path."""
-
-    kind: Literal["tcp", "unix"]
-    host: str | None = None
-    port: int | None = None
-    path: str | None = None
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def parse_listen(addr: str) -> ListenAddress:
-    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path``; raises ValueError saying why not."""
-    text = addr.strip()
-    if text.startswith("unix:"):
-        path = text[len("unix:") :]
-        if not path or "\x00" in path:
-            raise ValueError(f"{addr!r}: expected unix:/path/to/socket")
-        return ListenAddress("unix", path=path)
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"{addr!r}: expected [IPv6]:PORT")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{addr!r}: {host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError(f"{addr!r}: expected HOST:PORT, [IPv6]:PORT or unix:/path")
-        if ":" in host:
-            raise ValueError(f"{addr!r}: put an IPv6 address in brackets, as [::1]:2424")
-        if not _HOSTNAME.fullmatch(host):
-            raise ValueError(f"{addr!r}: {host!r} is not a host name or IP address")
-    if not port_text.isascii() or not port_text.isdigit():
-        raise ValueError(f"{addr!r}: the port must be a number")
-    port = int(port_text)
-    if port > 65535:
-        raise ValueError(f"{addr!r}: port {port} is out of range 0-65535")
-    return ListenAddress("tcp", host=host, port=port)
 
 
 # ---- field checks (each raises ValueError with a message that never repeats a secret) ----
@@ -497,7 +433,7 @@ class Settings(BaseSettings):
             if key:
                 raise ValueError("required when tls_key_file is set")
             return value
-        from bridge.tls import server_context  # loads the chain: a bad file stops start-up
+        from bridge.server.tls import server_context  # loads the chain: a bad file stops start-up
 
         server_context(value, key)
         return value
@@ -559,177 +495,4 @@ class Settings(BaseSettings):
         return int(self.unix_socket_mode, 8)
 
 
-_FIELDS = tuple(Settings.model_fields)
-
-
-# ---- loading ----
-
-
-def load_settings(
-    config_file: str | None = None,
-    overrides: Mapping[str, object] | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> Settings:
-    """Defaults < file (`config_file` or LMTP_BRIDGE_CONFIG) < environment < `overrides`.
-
-    `overrides` are the command-line flags by setting name; None values mean "not given".
-    Raises ConfigError with every problem found.
-    """
-    env = {k.upper(): (k, v) for k, v in (os.environ if environ is None else environ).items()}
-    problems: list[str] = []
-    values: dict[str, object] = {}
-    origin: dict[str, str] = {}
-
-    path = config_file
-    if path is None and CONFIG_ENV in env:
-        path = env[CONFIG_ENV][1]
-    if path:
-        for key, value in _read_file(path, problems).items():
-            values[key], origin[key] = value, path
-    for key, (name, value) in _read_env(env, problems).items():
-        values[key], origin[key] = value, name
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            values[key], origin[key] = value, "the command line"
-
-    for key in [k for k in values if k not in _FIELDS]:
-        problems.append(f"{key}: unknown setting (from {origin[key]})")
-        del values[key]
-
-    settings: Settings | None = None
-    try:
-        settings = Settings.model_validate(values)
-    except ValidationError as exc:
-        problems.extend(_describe(err, origin) for err in exc.errors())
-    problems.extend(_check_urls(values))
-    if problems or settings is None:
-        raise ConfigError(problems)
-    return settings
-
-
-def _read_file(path: str, problems: list[str]) -> dict[str, object]:
-    ext = os.path.splitext(path)[1].lower()
-    if ext not in (".toml", ".yaml", ".yml"):
-        problems.append(f"config: {path}: expected a .toml, .yaml or .yml file")
-        return {}
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f) if ext == ".toml" else yaml.safe_load(f)
-    except OSError as exc:
-        problems.append(f"config: cannot read {path}: {exc.strerror or exc}")
-        return {}
-    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
-        problems.append(f"config: {path} does not parse: {_one_line(str(exc))}")
-        return {}
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        problems.append(f"config: {path}: expected a table of settings at the top")
-        return {}
-    return {str(k): v for k, v in data.items()}
-
-
-def _read_env(
-    env: Mapping[str, tuple[str, str]], problems: list[str]
-) -> dict[str, tuple[str, str]]:
-    """Setting -> (variable name, value), from LMTP_BRIDGE_<NAME> or LMTP_BRIDGE_<NAME>_FILE."""
-    found: dict[str, tuple[str, str]] = {}
-    for field in _FIELDS:
-        direct = env.get(f"{ENV_PREFIX}{field}".upper())
-        from_file = env.get(f"{ENV_PREFIX}{field}_FILE".upper())
-        if direct and from_file:
-            problems.append(f"{field}: both {direct[0]} and {from_file[0]} are set; use one")
-        elif direct:
-            found[field] = direct
-        elif from_file:
-            name, path = from_file
-            try:
-                with open(path, encoding="utf-8") as f:
-                    found[field] = (name, f.read().rstrip("\r\n"))
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-                problems.append(f"{field}: cannot read {name}={path}: {reason or exc}")
-    return found
-
-
-def _check_urls(values: Mapping[str, object]) -> list[str]:
-    """Every route needs a URL: its own or webhook_url. Works on the raw values, so it reports
-    even when other settings failed validation."""
-    url = values.get("webhook_url")
-    if url is not None and not (isinstance(url, str) and not url.strip()):
-        return []
-    routes = values.get("routes", [])
-    try:
-        routes = _json_text(routes)
-    except ValueError:
-        return []  # already reported as a routes problem
-    if not isinstance(routes, list):
-        return []
-    if not routes:
-        return ["webhook_url: required unless routes are configured"]
-    return [
-        f"routes[{i}].url: required, since webhook_url is not set"
-        for i, route in enumerate(routes)
-        if isinstance(route, Mapping) and not str(route.get("url") or "").strip()
-    ]
-
-
-def _describe(err: Any, origin: Mapping[str, str]) -> str:
-    loc = err["loc"]
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:])
-    msg = err["msg"].removeprefix("Value error, ")
-    line = f"{loc[0]}{where}: {msg}" if loc else msg
-    source = origin.get(str(loc[0])) if loc else None
-    if source is None:
-        return _one_line(line)
-    value = err.get("input")
-    shown = repr(value)
-    # Never echo what may hold a secret: secrets, headers, or a whole route.
-    hidden = (
-        _SENSITIVE_FIELDS.intersection(str(p) for p in loc)
-        or (loc[0] == "routes" and len(loc) < 3)
-        or isinstance(value, dict | list)
-    )
-    if err["type"] == "missing" or hidden or shown in msg:
-        return _one_line(f"{line} (from {source})")
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return _one_line(f"{line} (got {shown} from {source})")
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
-
-
-# ---- display ----
-
-
-def redacted_dump(settings: Settings) -> dict[str, Any]:
-    """The effective settings as plain data, for `check-config`: secrets are "**********"."""
-    data: dict[str, Any] = settings.model_dump(mode="json")
-    data["webhook_url"] = _redact_url(data["webhook_url"])
-    data["webhook_headers"] = _redact_headers(data["webhook_headers"])
-    for route in data["routes"]:
-        route["url"] = _redact_url(route["url"])
-        route["headers"] = _redact_headers(route["headers"])
-    return data
-
-
-def _redact_headers(headers: dict[str, str] | None) -> dict[str, str] | None:
-    if headers is None:
-        return None
-    return {k: REDACTED if _SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
-
-
-def _redact_url(url: str | None) -> str | None:
-    # A URL may carry a password or a token in its query string.
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}")
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    if any(_SENSITIVE_HEADER.search(k) for k, _ in query):
-        hidden = [(k, REDACTED if _SENSITIVE_HEADER.search(k) else v) for k, v in query]
-        parts = parts._replace(query=urlencode(hidden, safe="*"))
-    return urlunsplit(parts)
+FIELDS = tuple(Settings.model_fields)

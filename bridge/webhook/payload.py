@@ -1,7 +1,7 @@
 """One recipient's copy of a message as a webhook request body: ``json``, ``raw`` or ``multipart``.
 
 
-The MIME parse runs once per message (``bridge.mime.ParsedMessage``); each recipient only
+The MIME parse runs once per message (``bridge.mail.parsed.ParsedMessage``); each recipient only
 adds its envelope.
 
 ``json`` (application/json) is the version 1 object of SPEC section 5. ``raw`` (message/rfc822)
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.mime import ParsedMessage
-from bridge.pieces import _dumps, _expand, _Piece, _utf8
-from bridge.routing import split_address, split_extension
-from bridge.transaction import Envelope, MessageBuffer, Recipient
+from bridge.base.route import split_address, split_extension
+from bridge.base.transaction import Envelope, MessageBuffer, Recipient
+from bridge.mail.parsed import ParsedMessage
+from bridge.webhook.pieces import _dumps, _expand, _Piece, _utf8
 
 PAYLOAD_KINDS = ("json", "raw", "multipart")
 JSON_VERSION = 1

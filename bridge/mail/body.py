@@ -8,10 +8,10 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 
-from bridge.charsets import _Defects
-from bridge.mailpolicy import _feed
-from bridge.textstream import SpooledText, pieces_from
-from bridge.transaction import MessageBuffer
+from bridge.base.transaction import MessageBuffer
+from bridge.mail.charsets import Defects
+from bridge.mail.emailpolicy import _feed
+from bridge.webhook.textstream import SpooledText, pieces_from
 
 # A single-part body the stdlib hands back unchanged (get_payload(decode=True) with no
 # Content-Transfer-Encoding to undo) is still cut by its feed parser into one str per line,
@@ -110,7 +110,7 @@ class _BodyRef:
             return self.message.getvalue()[self.start :]
         return b"".join(pieces_from(self.message, self.start))
 
-    def spool(self, charset: str | None, where: str, defects: _Defects) -> SpooledText | None:
+    def spool(self, charset: str | None, where: str, defects: Defects) -> SpooledText | None:
         try:
             # An in-memory message (below spool_threshold) keeps its text in memory too: a
             # file would cost more than it saves (256 KiB: 0.54 -> 0.40 ms without it).

@@ -16,8 +16,8 @@ import prometheus_client
 import trio
 
 from bridge import __version__
-from bridge.logs import log_event
-from bridge.metrics import READY
+from bridge.ops.logs import log_event
+from bridge.ops.metrics import READY
 
 IDLE_TIMEOUT = 30.0
 """Seconds a connection may stay silent (between requests or mid-request) before it is closed."""

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from bridge.textstream import SpooledText
+from bridge.webhook.textstream import SpooledText
 
 # Memory: str values longer than _BIG_STR characters are JSON-escaped _SLICE characters at a
 # time into separate body chunks; attachment content is base64-encoded _B64_SLICE bytes at a

@@ -19,7 +19,7 @@ from email.headerregistry import (
 from email.message import Message
 from typing import Any
 
-from bridge.mailpolicy import _HEADER_CLASSES, _POLICY
+from bridge.mail.emailpolicy import _HEADER_CLASSES, _POLICY
 
 _MSGID = re.compile(r"<[^<>]*>")
 

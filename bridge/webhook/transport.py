@@ -20,7 +20,7 @@ import h11
 import httpx
 import trio
 
-from bridge import sockio
+from bridge.base import sockio
 
 RECEIVE_SIZE = 64 * 1024
 KEEPALIVE_EXPIRY = 5.0  # seconds an idle pooled connection is kept (httpx's default)

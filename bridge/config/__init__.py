@@ -1,0 +1,20 @@
+"""Settings: the model (settings), where values come from (sources), what the operator sees of them
+(report: one-line problems, redaction), and the configured routes resolved for delivery (routes).
+
+The top of the house below the face: may import every room (to validate what each one takes);
+nothing but app, cli and workers imports it.
+"""
+
+from bridge.config.report import REDACTED, ConfigError, redacted_dump
+from bridge.config.settings import MAX_RETRY_BUDGET, RouteConfig, Settings
+from bridge.config.sources import load_settings
+
+__all__ = [
+    "MAX_RETRY_BUDGET",
+    "REDACTED",
+    "ConfigError",
+    "RouteConfig",
+    "Settings",
+    "load_settings",
+    "redacted_dump",
+]

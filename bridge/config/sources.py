@@ -1,0 +1,124 @@
+"""Where settings come from, in rising priority: defaults, a TOML or YAML file, the environment
+(``LMTP_BRIDGE_<NAME>`` or ``<NAME>_FILE``), the command line. ``load_settings`` merges and
+checks them."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+
+import yaml
+from pydantic import ValidationError
+
+from bridge.config.report import ConfigError, describe, one_line
+from bridge.config.settings import CONFIG_ENV, ENV_PREFIX, FIELDS, Settings, _json_text
+
+
+def load_settings(
+    config_file: str | None = None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Defaults < file (`config_file` or LMTP_BRIDGE_CONFIG) < environment < `overrides`.
+
+    `overrides` are the command-line flags by setting name; None values mean "not given".
+    Raises ConfigError with every problem found.
+    """
+    env = {k.upper(): (k, v) for k, v in (os.environ if environ is None else environ).items()}
+    problems: list[str] = []
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}
+
+    path = config_file
+    if path is None and CONFIG_ENV in env:
+        path = env[CONFIG_ENV][1]
+    if path:
+        for key, value in _read_file(path, problems).items():
+            values[key], origin[key] = value, path
+    for key, (name, value) in _read_env(env, problems).items():
+        values[key], origin[key] = value, name
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key], origin[key] = value, "the command line"
+
+    for key in [k for k in values if k not in FIELDS]:
+        problems.append(f"{key}: unknown setting (from {origin[key]})")
+        del values[key]
+
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(values)
+    except ValidationError as exc:
+        problems.extend(describe(err, origin) for err in exc.errors())
+    problems.extend(_check_urls(values))
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings
+
+
+def _read_file(path: str, problems: list[str]) -> dict[str, object]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".toml", ".yaml", ".yml"):
+        problems.append(f"config: {path}: expected a .toml, .yaml or .yml file")
+        return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f) if ext == ".toml" else yaml.safe_load(f)
+    except OSError as exc:
+        problems.append(f"config: cannot read {path}: {exc.strerror or exc}")
+        return {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        problems.append(f"config: {path} does not parse: {one_line(str(exc))}")
+        return {}
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"config: {path}: expected a table of settings at the top")
+        return {}
+    return {str(k): v for k, v in data.items()}
+
+
+def _read_env(
+    env: Mapping[str, tuple[str, str]], problems: list[str]
+) -> dict[str, tuple[str, str]]:
+    """Setting -> (variable name, value), from LMTP_BRIDGE_<NAME> or LMTP_BRIDGE_<NAME>_FILE."""
+    found: dict[str, tuple[str, str]] = {}
+    for field in FIELDS:
+        direct = env.get(f"{ENV_PREFIX}{field}".upper())
+        from_file = env.get(f"{ENV_PREFIX}{field}_FILE".upper())
+        if direct and from_file:
+            problems.append(f"{field}: both {direct[0]} and {from_file[0]} are set; use one")
+        elif direct:
+            found[field] = direct
+        elif from_file:
+            name, path = from_file
+            try:
+                with open(path, encoding="utf-8") as f:
+                    found[field] = (name, f.read().rstrip("\r\n"))
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                problems.append(f"{field}: cannot read {name}={path}: {reason or exc}")
+    return found
+
+
+def _check_urls(values: Mapping[str, object]) -> list[str]:
+    """Every route needs a URL: its own or webhook_url. Works on the raw values, so it reports
+    even when other settings failed validation."""
+    url = values.get("webhook_url")
+    if url is not None and not (isinstance(url, str) and not url.strip()):
+        return []
+    routes = values.get("routes", [])
+    try:
+        routes = _json_text(routes)
+    except ValueError:
+        return []  # already reported as a routes problem
+    if not isinstance(routes, list):
+        return []
+    if not routes:
+        return ["webhook_url: required unless routes are configured"]
+    return [
+        f"routes[{i}].url: required, since webhook_url is not set"
+        for i, route in enumerate(routes)
+        if isinstance(route, Mapping) and not str(route.get("url") or "").strip()
+    ]
