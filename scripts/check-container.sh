@@ -96,7 +96,7 @@ grep -q "to:          bob@example.org" <<<"$rlog" || fail "the receiver did not 
 grep -q "subject:     container smoke" <<<"$rlog" || fail "the receiver did not get the subject"
 grep -q "signature:   verified" <<<"$rlog" || fail "the signature (secret from a file) did not verify"
 metrics=$(http_get "http://127.0.0.1:$METRICS_PORT/metrics")
-grep -q 'lmtp_bridge_recipients_total{result="delivered"} 1.0' <<<"$metrics" \
+grep -q 'lmtp_bridge_recipients_total{result="delivered",route="default",stage="data"} 1.0' <<<"$metrics" \
     || fail "the delivered counter is not 1"
 
 say "SIGTERM"

@@ -346,6 +346,9 @@ def test_duplicate_and_reserved_route_names() -> None:
     env["LMTP_BRIDGE_ROUTES"] = json.dumps(routes)
     (p,) = problems_of(environ=env)
     assert p.startswith("routes[0].name: 'default' is reserved")
+    env["LMTP_BRIDGE_ROUTES"] = json.dumps([{"name": "none", "match": "@a.example"}])
+    (p,) = problems_of(environ=env)
+    assert p.startswith("routes[0].name: 'none' is reserved")  # the label of unrouted ones
 
 
 def test_yaml_octal_mode_must_be_quoted(tmp_path: Path) -> None:

@@ -184,7 +184,8 @@ async def test_smtplib_sees_a_webhook_503_as_451(
     text = error.decode() if isinstance(error, bytes) else error
     assert failure.value.smtp_code == 451
     assert text.startswith("4.3.0 ")
-    assert "HTTP 503: maintenance" in text
+    (request,) = webhook_server.requests
+    assert text == f"4.3.0 deferred {request.headers['webhook-id']} (HTTP 503): maintenance"
 
 
 def smtplib_multi(address: str, rcpts: list[str], raw: bytes) -> tuple[list[int], list[int], int]:

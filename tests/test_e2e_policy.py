@@ -27,6 +27,8 @@ from bridge_process import (
 )
 from webhook_server import WebhookServer
 
+RECIPIENTS = "lmtp_bridge_recipients_total"
+
 
 async def transaction(
     client: AsyncLmtp, recipients: list[str], msg: bytes
@@ -54,6 +56,10 @@ async def test_circuit_breaker_defers_at_rcpt_then_probes_and_closes(
     )
     webhook_server.behave("*", status=503, body="down for maintenance")
     client = await open_session(running)
+    before = await metrics_text(running)  # metrics are the process's: compare, never absolute
+
+    def moved(text: str, **labels: str) -> float:
+        return metric_value(text, RECIPIENTS, labels) - metric_value(before, RECIPIENTS, labels)
 
     # Two retryable failures in a row open the breaker ...
     for rcpt in ("a@example.org", "b@example.org"):
@@ -67,6 +73,14 @@ async def test_circuit_breaker_defers_at_rcpt_then_probes_and_closes(
     text = await metrics_text(running)
     assert metric_value(text, "lmtp_bridge_circuit_breaker_state", {"route": "hooks"}) == 1
     assert metric_value(text, "lmtp_bridge_circuit_breaker_refused_total", {"route": "hooks"}) == 1
+    # every deferral counts, at RCPT or after the data, so rate(deferred) is the SLI
+    assert moved(text, result="deferred", route="hooks", stage="rcpt") == 1
+    assert moved(text, result="deferred", route="hooks", stage="data") == 2
+    # a recipient no route matches: refused at RCPT, counted under the route label "none"
+    rcpt_replies, _ = await transaction(client, ["x@elsewhere.example"], message())
+    assert codes(rcpt_replies) == ["550 5.1.1"]
+    text = await metrics_text(running)
+    assert moved(text, result="rejected", route="none", stage="rcpt") == 1
 
     # After the cool-down one probe goes through; the webhook is back, so the breaker closes.
     webhook_server.behave("*", status=200)

@@ -84,8 +84,14 @@ async def test_replies_come_in_rcpt_order_one_per_accepted_recipient(
     after_dot = await client.rest_until_eof()
 
     assert codes(after_dot) == ["250 2.0.0", "451 4.3.0", "250 2.0.0", "550 5.1.1", "221 2.0.0"]
-    assert "HTTP 503: busy" in after_dot[1].text
-    assert "HTTP 404: no such mailbox" in after_dot[3].text
+    # each reply names the delivery id the webhook got, so an MTA's log line joins its records
+    ids = {r.rcpt: r.headers["webhook-id"] for r in webhook_server.requests}
+    assert after_dot[0].text == f"2.0.0 delivered {ids['a@example.org']} (HTTP 200)"
+    assert after_dot[1].text == f"4.3.0 deferred {ids['b@example.org']} (HTTP 503): busy"
+    assert after_dot[2].text == after_dot[0].text
+    assert after_dot[3].text == (
+        f"5.1.1 refused {ids['c@example.org']} (HTTP 404): no such mailbox"
+    )
     # the duplicate is posted once and answered twice; the refused one never posted
     assert sorted(r.rcpt or "" for r in webhook_server.requests) == [
         "a@example.org",
@@ -249,9 +255,11 @@ async def test_metrics_and_health_after_traffic(
     def moved(name: str, **labels: str) -> float:
         return metric_value(after, name, labels) - metric_value(before, name, labels)
 
-    assert moved("lmtp_bridge_recipients_total", result="delivered") == 1
-    assert moved("lmtp_bridge_recipients_total", result="deferred") == 1
-    assert moved("lmtp_bridge_recipients_total", result="rejected") == 1
+    for result in ("delivered", "deferred", "rejected"):
+        labels = {"result": result, "route": "default", "stage": "data"}
+        assert moved("lmtp_bridge_recipients_total", **labels) == 1, result
+        # pre-initialised, so a dashboard's rate() sees a zero rather than a gap
+        assert f'result="{result}",route="default",stage="rcpt"' in before
     assert moved("lmtp_bridge_messages_total") == 1
     assert moved("lmtp_bridge_connections_total") == 1
     assert moved("lmtp_bridge_replies_total", code="451") == 1

@@ -42,6 +42,7 @@ def request(url: str, body: bytes = b'{"hello": "world"}') -> WebhookRequest:
         ],
         chunks=lambda: iter([body]),
         length=len(body),
+        delivery_id="msg_test",
     )
 
 
@@ -81,7 +82,7 @@ async def test_retry_after_is_logged_and_counted_not_obeyed(
         )
     # the hour is not waited for: the MTA's queue decides when to try again
     assert outcome.attempts == 2 and outcome.duration < 60
-    assert str(outcome.reply) == "451 4.3.0 webhook answered HTTP 429: slow down"
+    assert str(outcome.reply) == "451 4.3.0 deferred msg_test (HTTP 429): slow down"
     assert sample("lmtp_bridge_webhook_retry_after_total", "ra") - before == 2
     logged = [r for r in caplog.records if "Retry-After" in r.getMessage()]
     assert len(logged) == 2 and logged[0].retry_after == "3600"  # type: ignore[attr-defined]
@@ -153,7 +154,9 @@ async def test_redirect_loops_and_downgrades_are_refused(
     outcome = await redirecting_client.deliver(
         route(webhook_server.url, retries=0), request(webhook_server.url)
     )
-    assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: more than 2 redirects"
+    assert str(outcome.reply) == (
+        "451 4.3.0 webhook redirect not followed: more than 2 redirects (msg_test)"
+    )
     assert len(webhook_server.requests) == 3
 
 
@@ -163,7 +166,9 @@ async def test_redirect_from_https_to_http_is_refused(
     tls_server.behave(RCPT, status=307, headers={"Location": "http://127.0.0.1:9/hook"})
     async with WebhookClient(verify=ca_file, follow_redirects=True) as opened:
         outcome = await opened.deliver(route(tls_server.url, retries=0), request(tls_server.url))
-    assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: to a http URL"
+    assert str(outcome.reply) == (
+        "451 4.3.0 webhook redirect not followed: to a http URL (msg_test)"
+    )
 
 
 # --- TLS ------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ def request_for(
         ],
         chunks=lambda: iter(pieces),
         length=sum(map(len, pieces)) if length is None else length,
+        delivery_id="msg_test",
     )
 
 
@@ -141,7 +142,7 @@ async def test_status_map_row(
 
 async def test_success_reply_text(client: WebhookClient, webhook_server: WebhookServer) -> None:
     outcome = await deliver(client, webhook_server)
-    assert str(outcome.reply) == "250 2.0.0 delivered (HTTP 200)"
+    assert str(outcome.reply) == "250 2.0.0 delivered msg_test (HTTP 200)"
     assert outcome.reply.is_success
 
 
@@ -150,13 +151,13 @@ async def test_body_first_line_in_reply(
 ) -> None:
     webhook_server.behave(RCPT, status=422, body="mailbox is full\nsecond line\n")
     outcome = await deliver(client, webhook_server)
-    assert str(outcome.reply) == "554 5.6.0 webhook answered HTTP 422: mailbox is full"
+    assert str(outcome.reply) == "554 5.6.0 refused msg_test (HTTP 422): mailbox is full"
 
 
 async def test_long_body_is_cut(client: WebhookClient, webhook_server: WebhookServer) -> None:
     webhook_server.behave(RCPT, status=400, body="x" * 2048)
     outcome = await deliver(client, webhook_server)
-    prefix = "webhook answered HTTP 400: "
+    prefix = "refused msg_test (HTTP 400): "
     assert outcome.reply.text == prefix + "x" * 200
     assert_one_line(outcome.reply)
 
@@ -166,7 +167,7 @@ async def test_large_error_body_still_answers(
 ) -> None:
     webhook_server.behave(RCPT, status=500, body="first\n" + "y" * 1_000_000)
     outcome = await deliver(client, webhook_server)
-    assert str(outcome.reply) == "451 4.3.0 webhook answered HTTP 500: first"
+    assert str(outcome.reply) == "451 4.3.0 deferred msg_test (HTTP 500): first"
 
 
 @pytest.mark.parametrize(
@@ -214,16 +215,18 @@ async def test_header_cannot_inject_reply_lines(
 @pytest.mark.parametrize(
     ("http_status", "header", "expected"),
     [
-        (403, "550 5.7.1 sender blocked by policy", "550 5.7.1 sender blocked by policy"),
-        (200, "250 2.1.5 filed in Archive", "250 2.1.5 filed in Archive"),
-        (503, "452 4.2.2 quota exceeded", "452 4.2.2 quota exceeded"),
+        # the webhook's code, enhanced code and text, then the delivery id (SPEC 6)
+        (403, "550 5.7.1 blocked by policy", "550 5.7.1 blocked by policy (msg_test)"),
+        (200, "250 2.1.5 filed in Archive", "250 2.1.5 filed in Archive (msg_test)"),
+        (503, "452 4.2.2 quota exceeded", "452 4.2.2 quota exceeded (msg_test)"),
+        (503, "550 5.7.1", "550 5.7.1 refused msg_test (HTTP 503): ok"),  # no text: ours
         # 2xx only with HTTP 2xx and 4xx/5xx only without: else the map decides
-        (200, "550 5.7.1 no", "250 2.0.0 delivered (HTTP 200)"),
-        (500, "250 2.0.0 fake", "451 4.3.0 webhook answered HTTP 500: ok"),
+        (200, "550 5.7.1 no", "250 2.0.0 delivered msg_test (HTTP 200)"),
+        (500, "250 2.0.0 fake", "451 4.3.0 deferred msg_test (HTTP 500): ok"),
         # the enhanced code's class must match the reply code
-        (404, "550 4.7.1 mixed", "550 5.1.1 webhook answered HTTP 404: ok"),
-        (404, "450 5.7.1 mixed", "550 5.1.1 webhook answered HTTP 404: ok"),
-        (404, "garbage", "550 5.1.1 webhook answered HTTP 404: ok"),
+        (404, "550 4.7.1 mixed", "550 5.1.1 refused msg_test (HTTP 404): ok"),
+        (404, "450 5.7.1 mixed", "550 5.1.1 refused msg_test (HTTP 404): ok"),
+        (404, "garbage", "550 5.1.1 refused msg_test (HTTP 404): ok"),
     ],
 )
 async def test_lmtp_reply_header(
@@ -244,6 +247,23 @@ def test_lmtp_reply_header_is_sanitized() -> None:
     reply = map_response(500, "", "550 5.7.1 " + "z" * 600, {})
     assert_one_line(reply)
     assert reply.text == "z" * 200
+
+
+def test_delivery_id_in_every_reply_text_and_never_cut() -> None:
+    did = "msg_" + "a" * 32
+    assert str(map_response(200, "", None, {}, did)) == f"250 2.0.0 delivered {did} (HTTP 200)"
+    refused = map_response(410, "gone", None, {}, did)
+    assert str(refused) == f"550 5.1.1 refused {did} (HTTP 410): gone"
+    assert str(map_response(429, "", None, {}, did)) == f"451 4.3.0 deferred {did} (HTTP 429)"
+    chosen = map_response(500, "", "550 5.7.1 " + "z" * 600, {}, did)
+    assert_one_line(chosen)
+    assert str(chosen) == f"550 5.7.1 {'z' * 200} ({did})"
+    override = map_response(503, "", None, {"5xx": "452 4.2.2 " + "q" * 300}, did)
+    assert str(override).endswith(f" ({did})") and len(override.to_bytes()) <= 512
+    timeout = map_transport_error(httpx.ReadTimeout("slow"), {}, did)
+    assert str(timeout) == f"451 4.4.2 webhook timed out ({did})"
+    overridden = map_transport_error(httpx.ConnectError("no"), {"error": "450 4.4.1"}, did)
+    assert str(overridden) == f"450 4.4.1 webhook connection failed ({did})"
 
 
 def test_lmtp_reply_header_without_text_uses_default_text() -> None:
@@ -416,7 +436,7 @@ async def test_retry_until_success(client: WebhookClient, webhook_server: Webhoo
 async def test_retries_exhausted(client: WebhookClient, webhook_server: WebhookServer) -> None:
     webhook_server.behave(RCPT, status=503, body="busy")
     outcome = await deliver(client, webhook_server, retries=2)
-    assert str(outcome.reply) == "451 4.3.0 webhook answered HTTP 503: busy"
+    assert str(outcome.reply) == "451 4.3.0 deferred msg_test (HTTP 503): busy"
     assert outcome.attempts == 3
     assert len(webhook_server.requests_for(RCPT)) == 3
 
@@ -480,7 +500,7 @@ async def test_status_map_override(
 async def test_override_text_is_used(client: WebhookClient, webhook_server: WebhookServer) -> None:
     webhook_server.behave(RCPT, status=503)
     outcome = await deliver(client, webhook_server, status_map={"503": "554 5.0.0 gone for good"})
-    assert str(outcome.reply) == "554 5.0.0 gone for good"
+    assert str(outcome.reply) == "554 5.0.0 gone for good (msg_test)"
 
 
 # --- what is sent -----------------------------------------------------------------------------

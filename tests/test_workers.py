@@ -23,6 +23,7 @@ from bridge_process import (
 from webhook_server import WebhookServer
 
 pytestmark = pytest.mark.peer
+DELIVERED = {"result": "delivered", "route": "default", "stage": "data"}
 
 
 def children(pid: int) -> list[int]:
@@ -97,7 +98,7 @@ def test_workers_share_the_port_and_sum_their_metrics(webhook_server: WebhookSer
         assert done.returncode == 0, (done.stderr, bridge.log[-3000:])
         assert webhook_server.wait_for_requests(200, timeout=10)
         _, text = http_get(f"{bridge.metrics_url}/metrics")
-        assert metric_value(text, "lmtp_bridge_recipients_total", {"result": "delivered"}) == 200
+        assert metric_value(text, "lmtp_bridge_recipients_total", DELIVERED) == 200
         assert metric_value(text, "lmtp_bridge_messages_total") == 200
         assert metric_value(text, "lmtp_bridge_ready") == 1
         bridge.sigterm()

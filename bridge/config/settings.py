@@ -255,6 +255,8 @@ class RouteConfig(BaseModel):
             raise ValueError(f"{name!r}: expected 1-64 characters of A-Z a-z 0-9 _ . -")
         if name == "default":
             raise ValueError("'default' is reserved for the route of webhook_url")
+        if name == "none":  # the metric label of recipients no route matches
+            raise ValueError("'none' is reserved for recipients no route matches")
         return name
 
 

@@ -87,7 +87,7 @@ class Deliverer:
         try:
             if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
                 reply = await self._deliver_one(txn, unique[0], parsed)
-                metrics.child(metrics.RECIPIENTS, _result(reply)).inc(len(order))
+                metrics.count_recipients(reply.code, unique[0].route.name, "data", len(order))
                 await emit([reply] * len(order))
                 return
             results: list[Reply | None] = [None] * len(unique)
@@ -109,7 +109,8 @@ class Deliverer:
                     while sent < len(order) and done[order[sent]].is_set():
                         reply = results[order[sent]] or INTERNAL_ERROR
                         batch.append(reply)
-                        metrics.child(metrics.RECIPIENTS, _result(reply)).inc()
+                        route_name = unique[order[sent]].route.name
+                        metrics.count_recipients(reply.code, route_name, "data")
                         sent += 1
                     await emit(batch)
         finally:
@@ -162,7 +163,7 @@ class Deliverer:
         if self._log_addresses or log.isEnabledFor(logging.DEBUG):
             fields["mail_from"] = txn.envelope.mail_from
             fields["rcpt_to"] = recipient.address
-        log_event(log, level, f"recipient {_result(reply)}", **fields)
+        log_event(log, level, f"recipient {metrics.result_of(reply.code)}", **fields)
         return reply
 
     async def _request(
@@ -201,6 +202,7 @@ class Deliverer:
             chunks=body.chunks,
             length=body.length,
             in_memory=not txn.message.spooled,  # no spool file: nothing to read from disk
+            delivery_id=did,
         )
 
     def _signer(self, route: Route) -> Signer | None:
@@ -210,9 +212,3 @@ class Deliverer:
         if signer is None:
             signer = self._signers[route.secrets] = Signer(route.secrets)
         return signer
-
-
-def _result(reply: Reply) -> str:
-    if reply.is_success:
-        return "delivered"
-    return "deferred" if reply.is_transient else "rejected"

@@ -10,6 +10,8 @@ from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
 from bridge import __version__
 
 RESULTS = ("delivered", "deferred", "rejected")
+STAGES = ("rcpt", "data")  # where a recipient's outcome was decided
+NO_ROUTE = "none"  # route label of a recipient no route matches (a reserved route name)
 STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "error")
 PROTOCOL_ERROR_KINDS = (
     "syntax",
@@ -42,7 +44,9 @@ MESSAGE_RECIPIENTS = Histogram(
     buckets=(1, 2, 5, 10, 20, 50, 100, 500, 1000),
 )
 RECIPIENTS = Counter(
-    "lmtp_bridge_recipients", "Recipient outcomes after the end of data", ["result"]
+    "lmtp_bridge_recipients",
+    "Recipient outcomes, decided at RCPT or after the data",
+    ["result", "route", "stage"],
 )
 REPLIES = Counter("lmtp_bridge_replies", "LMTP replies sent, by 3-digit code", ["code"])
 WEBHOOK_REQUESTS = Counter(
@@ -120,17 +124,37 @@ def init_metrics(route_names: Iterable[str]) -> None:
     disable_created_metrics()  # type: ignore[no-untyped-call]
     BUILD_INFO.labels(__version__).set(1)
     for result in RESULTS:
-        RECIPIENTS.labels(result)
+        RECIPIENTS.labels(result, NO_ROUTE, "rcpt")
     for code in COMMON_REPLY_CODES:
         REPLIES.labels(code)
     for kind in PROTOCOL_ERROR_KINDS:
         PROTOCOL_ERRORS.labels(kind)
     for route in route_names:
+        for result in RESULTS:
+            for stage in STAGES:
+                RECIPIENTS.labels(result, route, stage)
         for status_class in STATUS_CLASSES:
             WEBHOOK_REQUESTS.labels(route, status_class)
         WEBHOOK_DURATION.labels(route)
         WEBHOOK_IN_FLIGHT.labels(route)
         WEBHOOK_RETRIES.labels(route)
+
+
+def result_of(code: int) -> str:
+    """The ``result`` label of a recipient answered with reply ``code``."""
+    if code < 400:
+        return "delivered"
+    return "deferred" if code < 500 else "rejected"
+
+
+def count_recipients(code: int, route: str | None, stage: str, count: int = 1) -> None:
+    """Count ``count`` recipient outcomes answered with reply ``code`` (an LMTP 3-digit code).
+
+    ``route`` is the route's name, None for a recipient no route matches; ``stage`` is "rcpt"
+    for an outcome decided at RCPT (unknown route, breaker open, verification refused: call it
+    only for a refused RCPT, an accepted one is counted when its delivery ends) or "data".
+    """
+    child(RECIPIENTS, result_of(code), route or NO_ROUTE, stage).inc(count)
 
 
 def status_class(http_status: int | None) -> str:

@@ -267,11 +267,13 @@ class Session:
 
     def _on_rcpt(self, event: RcptTo) -> None:
         route = self.server.router.route_for(event.recipient)
-        if route is None:
+        if route is None:  # counted under the route label "none"
+            metrics.count_recipients(NO_ROUTE.code, None, "rcpt")
             self.conn.reject(NO_ROUTE)
             return
         refusal = self.server.deliverer.admit(route)  # the route's circuit breaker
         if refusal is not None:
+            metrics.count_recipients(refusal.code, route.name, "rcpt")
             self.conn.reject(refusal)
             return
         self._recipients.append(Recipient(event.recipient, route, event.orcpt))
@@ -283,7 +285,7 @@ class Session:
         self._queue_output()  # replies to the commands before the dot go out while we deliver
         try:
             if event.error is not None:
-                metrics.RECIPIENTS.labels("rejected").inc(len(self._recipients))
+                self._count_data_outcomes(event.error, self._recipients)
                 self.conn.fail_remaining(event.error)
                 return
             txn = Transaction(self._envelope(self._mail, message), self._recipients, message)
@@ -294,11 +296,18 @@ class Session:
                 await self.server.deliverer.deliver(txn, self._emit)
             self._delivery_scope = None
             if self.conn.replies_owed:
-                metrics.RECIPIENTS.labels("deferred").inc(self.conn.replies_owed)
+                owed = self._recipients[-self.conn.replies_owed :]
+                self._count_data_outcomes(CUT_BY_SHUTDOWN, owed)
                 self.conn.fail_remaining(CUT_BY_SHUTDOWN)
         finally:
             self._drop_message()
             self.idle_since = trio.current_time()
+
+    @staticmethod
+    def _count_data_outcomes(reply: Reply, recipients: Sequence[Recipient]) -> None:
+        """``reply`` given after the data to every one of ``recipients``, not by the deliverer."""
+        for recipient in recipients:
+            metrics.count_recipients(reply.code, recipient.route.name, "data")
 
     def _envelope(self, mail: MailFrom, message: MessageBuffer) -> Envelope:
         return Envelope(
@@ -443,7 +452,8 @@ class Session:
     async def _close_after_bug(self) -> None:
         with trio.CancelScope(shield=True):
             try:
-                if self.conn.replies_owed:
+                if owed := self.conn.replies_owed:
+                    self._count_data_outcomes(INTERNAL_ERROR, self._recipients[-owed:])
                     self.conn.fail_remaining(INTERNAL_ERROR)
                 self.conn.close(SESSION_ERROR)
                 await self._drain_output(CLOSE_GRACE)

@@ -77,6 +77,7 @@ class WebhookRequest:
     chunks: Callable[[], Iterable[bytes]]  # each call yields the whole body again (retries)
     length: int
     in_memory: bool = False  # True: making the chunks reads no file (no worker thread needed)
+    delivery_id: str = ""  # named in the reply text, so the MTA's log line can be joined
 
 
 @dataclass(frozen=True)
@@ -155,11 +156,13 @@ def _override(keys: Iterable[str], overrides: Mapping[str, str], success: bool) 
     return None
 
 
-def _fit(reply: Reply) -> Reply:
-    """Cut the text so the whole reply line stays within MAX_REPLY_LINE octets."""
-    room = MAX_REPLY_LINE - len(f"{reply.code} {reply.status} \r\n")
+def _fit(reply: Reply, delivery_id: str = "") -> Reply:
+    """Cut the text so the whole reply line stays within MAX_REPLY_LINE octets; a
+    ``delivery_id`` not in the text yet is added at its end, never cut off."""
     text = reply.text if isinstance(reply.text, str) else " ".join(reply.text)
-    return Reply(reply.code, reply.status, text[:room].rstrip())
+    suffix = f" ({delivery_id})" if delivery_id and delivery_id not in text else ""
+    room = MAX_REPLY_LINE - len(f"{reply.code} {reply.status} \r\n") - len(suffix)
+    return Reply(reply.code, reply.status, text[:room].rstrip() + suffix)
 
 
 def map_response(
@@ -167,28 +170,37 @@ def map_response(
     body_first_line: str,
     lmtp_reply_header: str | None,
     overrides: Mapping[str, str],
+    delivery_id: str = "",
 ) -> Reply:
     """The LMTP reply for an HTTP answer (SPEC section 4).
 
     A valid ``X-Lmtp-Reply`` header wins, then ``overrides`` (exact code before class), then the
-    default map. Only a 2xx HTTP status can ever give a 2xx reply.
+    default map. Only a 2xx HTTP status can ever give a 2xx reply. With a ``delivery_id`` the
+    text names it (SPEC 6): ``delivered msg_… (HTTP 200)``, ``refused msg_… (HTTP 404): why``,
+    ``deferred msg_… (HTTP 503): why``; a text the webhook or an override chose is kept as
+    written and the id follows it in parentheses.
     """
     success = 200 <= status < 300
-    if success:
-        text = f"delivered (HTTP {status})"
-    else:
-        line = sanitize_text(body_first_line)
-        text = f"webhook answered HTTP {status}" + (f": {line}" if line else "")
+    line = "" if success else sanitize_text(body_first_line)
+
+    def text_for(code: int) -> str:
+        if not delivery_id:
+            if success:
+                return f"delivered (HTTP {status})"
+            return f"webhook answered HTTP {status}" + (f": {line}" if line else "")
+        verb = "delivered" if success else "deferred" if code < 500 else "refused"
+        return f"{verb} {delivery_id} (HTTP {status})" + (f": {line}" if line else "")
 
     if lmtp_reply_header is not None:
         chosen = parse_reply(lmtp_reply_header)
         if chosen is not None and chosen.is_success == success:
-            return _fit(Reply(chosen.code, chosen.status, chosen.text or text))
+            text = chosen.text or text_for(chosen.code)
+            return _fit(Reply(chosen.code, chosen.status, text), delivery_id)
 
     reply = _override((str(status), f"{status // 100}xx"), overrides, success)
     if reply is None:
         reply = _default_reply(status)
-    return _fit(Reply(reply.code, reply.status, reply.text or text))
+    return _fit(Reply(reply.code, reply.status, reply.text or text_for(reply.code)), delivery_id)
 
 
 def classify_transport_error(exc: Exception) -> str:
@@ -220,20 +232,21 @@ def _caused_by_tls(exc: BaseException) -> bool:
     return False
 
 
-def map_transport_error(exc: Exception, overrides: Mapping[str, str]) -> Reply:
+def map_transport_error(
+    exc: Exception, overrides: Mapping[str, str], delivery_id: str = ""
+) -> Reply:
     """The LMTP reply when no HTTP answer came (SPEC section 4: always a 4xx by default).
 
     Overrides: ``"timeout"`` for timeouts, then ``"error"`` for any transport failure.
-    Our own bugs are never overridable: they stay ``451 4.3.0``.
+    Our own bugs are never overridable: they stay ``451 4.3.0``. A ``delivery_id`` follows
+    the text in parentheses.
     """
     kind = classify_transport_error(exc)
     default = _TRANSPORT_REPLIES[kind]
-    if kind == "internal":
-        return default
-    reply = _override((kind, "error"), overrides, success=False)
+    reply = None if kind == "internal" else _override((kind, "error"), overrides, success=False)
     if reply is None:
-        return default
-    return _fit(Reply(reply.code, reply.status, reply.text or str(default.text)))
+        return _fit(default, delivery_id) if delivery_id else default
+    return _fit(Reply(reply.code, reply.status, reply.text or str(default.text)), delivery_id)
 
 
 class RedirectRefused(Exception):
@@ -455,20 +468,25 @@ class WebhookClient:
                         },
                     )
                 reply = map_response(
-                    answer.status, answer.body_start, answer.reply_header, route.status_map
+                    answer.status,
+                    answer.body_start,
+                    answer.reply_header,
+                    route.status_map,
+                    request.delivery_id,
                 )
                 return _Attempt(reply, answer.status, None)
             failure: Exception = httpx.TimeoutException("no answer within the route's timeout")
         except RedirectRefused as exc:
             log.warning("webhook redirect not followed: %s", exc, extra={"route": route.name})
             reply = Reply(451, "4.3.0", f"webhook redirect not followed: {exc}")
-            return _Attempt(_fit(reply), None, "protocol")
+            return _Attempt(_fit(reply, request.delivery_id), None, "protocol")
         except Exception as exc:
             failure = exc
             if classify_transport_error(exc) == "internal":
                 log.exception("webhook request failed unexpectedly", extra={"route": route.name})
         kind = classify_transport_error(failure)
-        return _Attempt(map_transport_error(failure, route.status_map), None, kind)
+        reply = map_transport_error(failure, route.status_map, request.delivery_id)
+        return _Attempt(reply, None, kind)
 
     async def _exchange(self, route: Route, request: WebhookRequest, limit: float) -> _Answer:
         """Send the request, following 307/308 redirects when configured."""
