@@ -21,6 +21,7 @@ from bridge.config import Settings
 from bridge.config.routes import build_router
 from bridge.delivery.breaker import Breakers, init_policy_metrics
 from bridge.delivery.deliverer import Deliverer
+from bridge.delivery.verify import Verifier, init_verify_metrics
 from bridge.lmtp.connection import Limits
 from bridge.ops import metrics
 from bridge.ops.httpserver import Readiness, observability_handler, serve_http
@@ -116,6 +117,7 @@ async def run(
     router = build_router(settings)
     metrics.init_metrics(route.name for route in router.routes)
     init_policy_metrics(route.name for route in router.routes)
+    init_verify_metrics(router.routes)
     readiness = Readiness()
     async with WebhookClient(
         max_connections=settings.http_max_connections,
@@ -135,7 +137,15 @@ async def run(
             recipient_delimiter=settings.recipient_delimiter,
             trusted_authserv_ids=settings.trusted_authserv_ids,
         )
-        server = LmtpServer(server_options(settings), router, deliverer)
+        verifier = Verifier(
+            client,
+            cache_ttl=settings.verify_cache_ttl,
+            negative_ttl=settings.verify_negative_ttl,
+            cache_size=settings.verify_cache_size,
+            delimiter=settings.recipient_delimiter,
+            log_addresses=settings.log_addresses,
+        )
+        server = LmtpServer(server_options(settings), router, deliverer, verifier)
         if listeners is None:
             listeners, names = await open_listeners(settings)
         else:  # opened by the parent of --workers

@@ -27,6 +27,10 @@ class Route:
     status_map: Mapping[str, str] = field(default_factory=dict)
     trace_headers: bool = True  # raw payload: prepend Return-Path, Delivered-To, Received
     retry_budget: float = 120.0  # seconds for all attempts and backoff of one recipient
+    # recipient verification at RCPT (SPEC 7): None asks nobody
+    verify_url: str | None = None  # may hold the same placeholders as url
+    verify_timeout: float = 5.0
+    verify_on_error: str = "accept"  # "accept" or "defer": no usable answer from verify_url
 
     def url_for(self, address: str, delimiter: str = "+") -> str:
         """The URL for one recipient: placeholders filled in, each value percent-encoded."""

@@ -26,6 +26,9 @@ def build_router(settings: Settings) -> Router:
             status_map=dict(settings.status_map),
             trace_headers=settings.trace_headers,
             retry_budget=settings.http_retry_budget,
+            verify_url=settings.verify_url,
+            verify_timeout=settings.verify_timeout,
+            verify_on_error=settings.verify_on_error,
         )
     return Router(routes, default, delimiter=settings.recipient_delimiter)
 
@@ -47,6 +50,9 @@ def _resolve(settings: Settings, rc: RouteConfig) -> Route:
         status_map={**settings.status_map, **(rc.status_map or {})},
         trace_headers=settings.trace_headers if rc.trace_headers is None else rc.trace_headers,
         retry_budget=settings.http_retry_budget,
+        verify_url=rc.verify_url or settings.verify_url,
+        verify_timeout=settings.verify_timeout if rc.verify_timeout is None else rc.verify_timeout,
+        verify_on_error=rc.verify_on_error or settings.verify_on_error,
     )
 
 

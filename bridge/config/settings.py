@@ -37,6 +37,8 @@ SMTP_PORT = 25
 # Postfix waits lmtp_data_done_timeout (600 s) for each reply after the data; a recipient's
 # tries must end well inside it, whatever the settings say.
 MAX_RETRY_BUDGET = 300.0
+# RCPT must stay fast: Postfix's smtpd waits for a verify probe 3 x 3 s by default.
+MAX_VERIFY_TIMEOUT = 60.0
 
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -216,6 +218,7 @@ StatusMap = Annotated[
 Url = Annotated[str, AfterValidator(_check_url)]
 Payload = Annotated[Literal["json", "raw", "multipart"], BeforeValidator(_lower)]
 BoolOrPath = Annotated[bool | str, BeforeValidator(_check_bool_or_path)]
+VerifyOnError = Annotated[Literal["accept", "defer"], BeforeValidator(_lower)]
 
 
 class RouteConfig(BaseModel):
@@ -246,6 +249,16 @@ class RouteConfig(BaseModel):
     # --- payloads, routing and delivery policy ---
     trace_headers: bool | None = Field(
         default=None, description="raw payload: prepend Return-Path, Delivered-To, Received."
+    )
+    # --- recipient verification at RCPT ---
+    verify_url: Annotated[Url | None, BeforeValidator(_none_if_blank)] = Field(
+        default=None, description="Recipient verification URL of this route (default: verify_url)."
+    )
+    verify_timeout: float | None = Field(
+        default=None, gt=0, le=MAX_VERIFY_TIMEOUT, description="Seconds per verify request."
+    )
+    verify_on_error: VerifyOnError | None = Field(
+        default=None, description="accept or defer when verify_url gives no usable answer."
     )
 
     @field_validator("name")
@@ -385,6 +398,29 @@ class Settings(BaseSettings):
     )
     breaker_cooldown: float = Field(
         default=30.0, gt=0, description="Seconds an open breaker refuses before one probe."
+    )
+    # --- recipient verification at RCPT (SPEC 7) ---
+    verify_url: Annotated[Url | None, BeforeValidator(_none_if_blank)] = Field(
+        default=None,
+        description="Recipient verification URL of the default route and of routes without "
+        "their own; unset: RCPT is accepted without asking.",
+    )
+    verify_timeout: float = Field(
+        default=5.0, gt=0, le=MAX_VERIFY_TIMEOUT, description="Seconds for one verify request."
+    )
+    verify_on_error: VerifyOnError = Field(
+        default="accept",
+        description="No usable verify answer (timeout, connection error, 3xx, 401/403, 429, "
+        "5xx): accept the RCPT (the delivery decides) or defer it with the 4xx reply.",
+    )
+    verify_cache_ttl: float = Field(
+        default=300.0, ge=0, description="Seconds a verified (2xx) recipient is remembered."
+    )
+    verify_negative_ttl: float = Field(
+        default=60.0, ge=0, description="Seconds a refused recipient is remembered."
+    )
+    verify_cache_size: int = Field(
+        default=10000, ge=0, description="Verify answers kept (least recently used out); 0: none."
     )
     http_client_cert: Annotated[
         str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_file)

@@ -161,3 +161,18 @@ def status_class(http_status: int | None) -> str:
     if http_status is None or not 200 <= http_status < 600:
         return "error"
     return f"{http_status // 100}xx"
+
+
+# Recipient verification at RCPT (SPEC 7); pre-initialised per verifying route by
+# bridge.delivery.verify.init_verify_metrics.
+VERIFY_REQUESTS = Counter(
+    "lmtp_bridge_verify_requests",
+    "Recipient verification requests by result: accepted (2xx), refused (a refusing reply), "
+    "error (no usable answer: verify_on_error decided)",
+    ["route", "result"],
+)
+VERIFY_CACHE = Counter(
+    "lmtp_bridge_verify_cache",
+    "RCPTs of verifying routes answered from the verification cache (hit) or not",
+    ["route", "hit"],
+)

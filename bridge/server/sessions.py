@@ -24,6 +24,7 @@ from bridge.base import sockio
 from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.delivery.deliverer import Deliverer, Transaction
 from bridge.delivery.routing import Router
+from bridge.delivery.verify import Verifier
 from bridge.lmtp.connection import Limits, LmtpServerConnection
 from bridge.lmtp.events import (
     NEED_DATA,
@@ -74,10 +75,17 @@ class ServerOptions:
 class LmtpServer:
     """Accepts LMTP sessions on any number of listeners until ``drain()``."""
 
-    def __init__(self, options: ServerOptions, router: Router, deliverer: Deliverer) -> None:
+    def __init__(
+        self,
+        options: ServerOptions,
+        router: Router,
+        deliverer: Deliverer,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.options = options
         self.router = router
         self.deliverer = deliverer
+        self.verifier = verifier  # asks a route's verify_url at RCPT; None: nobody is asked
         self.draining = False
         self.drain_deadline = math.inf
         self._sessions: set[Session] = set()
@@ -246,7 +254,7 @@ class Session:
                 assert self._message is not None
                 self._message.write(event.data)
             elif isinstance(event, RcptTo):
-                self._on_rcpt(event)
+                await self._on_rcpt(event)
             elif isinstance(event, MailFrom):
                 self._mail = event
                 self._recipients = []
@@ -265,7 +273,9 @@ class Session:
             elif isinstance(event, (Quit, ConnectionClosed)):
                 return
 
-    def _on_rcpt(self, event: RcptTo) -> None:
+    async def _on_rcpt(self, event: RcptTo) -> None:
+        """Answer one RCPT. The core reads no further command until it is answered, so a
+        pipelined batch is answered in order even while a verification is awaited."""
         route = self.server.router.route_for(event.recipient)
         if route is None:  # counted under the route label "none"
             metrics.count_recipients(NO_ROUTE.code, None, "rcpt")
@@ -275,6 +285,20 @@ class Session:
         if refusal is not None:
             metrics.count_recipients(refusal.code, route.name, "rcpt")
             self.conn.reject(refusal)
+            return
+        verifier = self.server.verifier
+        if route.verify_url is not None and verifier is not None:
+            reply = verifier.lookup(route, event.recipient)
+            if reply is None:
+                self._queue_output()  # earlier replies leave while the webhook is asked
+                assert self._mail is not None  # the core gives RcptTo only after MAIL
+                reply = await verifier.ask(route, event.recipient, self._mail.sender)
+            if not reply.is_success:
+                count_refused_at_rcpt(route.name, reply)
+                self.conn.reject(reply)
+                return
+            self._recipients.append(Recipient(event.recipient, route, event.orcpt))
+            self.conn.accept(reply)
             return
         self._recipients.append(Recipient(event.recipient, route, event.orcpt))
         self.conn.accept()
@@ -473,6 +497,13 @@ async def _send_last(stream: trio.SocketStream, reply: Reply) -> None:
             metrics.REPLIES.labels(str(reply.code)).inc()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+def count_refused_at_rcpt(route: str, reply: Reply) -> None:
+    """HOOK for SPEC 6: a recipient refused at RCPT by its verification counts in
+    ``lmtp_bridge_recipients_total{route, stage="rcpt"}`` (result by the reply's class). The
+    ``route`` and ``stage`` labels are not on main yet; until they are, nothing is counted
+    here (the refusal is in ``lmtp_bridge_verify_*`` and ``replies_total``)."""
 
 
 def _count_replies(data: bytes) -> None:

@@ -336,11 +336,14 @@ class _Attempt:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class Answer:
+    """One HTTP answer, as far as the bridge looks at it."""
+
     status: int
-    reply_header: str | None
-    body_start: str
+    reply_header: str | None  # X-Lmtp-Reply
+    body_start: str  # the first MAX_RESPONSE_READ bytes of the body, as ASCII
     retry_after: str | None
+    cache_control: str | None = None
 
 
 class _NoCookies(httpx.Cookies):
@@ -488,7 +491,14 @@ class WebhookClient:
         reply = map_transport_error(failure, route.status_map, request.delivery_id)
         return _Attempt(reply, None, kind)
 
-    async def _exchange(self, route: Route, request: WebhookRequest, limit: float) -> _Answer:
+    async def post_once(self, route: Route, request: WebhookRequest, limit: float) -> Answer:
+        """One POST (307/308 followed when configured), no retries, no delivery metrics: for
+        requests other than deliveries, such as recipient verification. Raises what httpx
+        raises (see ``classify_transport_error``) and ``RedirectRefused``; the caller bounds
+        the whole exchange with its own deadline, ``limit`` bounds each phase."""
+        return await self._exchange(route, request, limit)
+
+    async def _exchange(self, route: Route, request: WebhookRequest, limit: float) -> Answer:
         """Send the request, following 307/308 redirects when configured."""
         url = request.url
         headers = [(k, v) for k, v in request.headers if k.lower() not in _FRAMING_HEADERS]
@@ -521,7 +531,7 @@ class WebhookClient:
         headers: list[tuple[str, str]],
         request: WebhookRequest,
         limit: float,
-    ) -> tuple[_Answer, str | None]:
+    ) -> tuple[Answer, str | None]:
         """One POST; the answer and the Location header."""
         content: bytes | _BodyStream
         if request.length <= SMALL_BODY:
@@ -553,10 +563,11 @@ class WebhookClient:
         finally:
             await response.aclose()
         text = body[:MAX_RESPONSE_READ].decode("ascii", "ignore")
-        answer = _Answer(
+        answer = Answer(
             status=response.status_code,
             reply_header=response.headers.get(REPLY_HEADER),
             body_start=text,
             retry_after=response.headers.get("Retry-After"),
+            cache_control=response.headers.get("Cache-Control"),
         )
         return answer, response.headers.get("Location")
