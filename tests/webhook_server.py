@@ -73,13 +73,16 @@ class RecordedRequest:
 
 
 def recipient_of(path: str, headers: Headers, body: bytes) -> str | None:
-    """Which recipient a request is for: X-Lmtp-Rcpt-To, else the JSON envelope, else the path."""
+    """Which recipient a request is for: X-Lmtp-Rcpt-To, else the JSON envelope (or the
+    ``rcpt`` of a recipient.verify question), else the path."""
     if "x-lmtp-rcpt-to" in headers:
         return urllib.parse.unquote(headers["x-lmtp-rcpt-to"])
     if "json" in headers.get("content-type", ""):
         try:
-            rcpt = json.loads(body)["envelope"]["rcpt_to"]
-        except (ValueError, KeyError, TypeError):
+            payload = json.loads(body)
+            is_question = payload.get("type") == "recipient.verify"
+            rcpt = payload["rcpt"] if is_question else payload["envelope"]["rcpt_to"]
+        except (ValueError, KeyError, TypeError, AttributeError):
             rcpt = None
         if isinstance(rcpt, str):
             return rcpt
