@@ -131,7 +131,8 @@ class PostfixError(AssertionError):
 
 class PrivatePostfix:
     """A Postfix instance under its own temporary directory; ``transport`` is the nexthop of
-    ``default_transport``, e.g. ``lmtp:inet:127.0.0.1:2424`` or ``lmtp:unix:/path``.
+    ``default_transport``, e.g. ``lmtp:inet:127.0.0.1:2424`` or ``lmtp:unix:/path``. With
+    ``smtpd_port``, its smtpd listens on 127.0.0.1 at that port (never 25).
 
     Use it as a context manager: it is stopped (and its directory removed) even on failure.
     """
@@ -142,6 +143,7 @@ class PrivatePostfix:
         main_cf: Mapping[str, str] | None = None,
         *,
         keep: bool = False,
+        smtpd_port: int | None = None,
     ) -> None:
         for name in POSTFIX_TOOLS:
             postfix_tool(name)
@@ -168,7 +170,13 @@ class PrivatePostfix:
         for directory in (self.config_dir, self.queue_dir, self.data_dir):
             directory.mkdir()
         shutil.chown(self.data_dir, "postfix")
-        (self.config_dir / "master.cf").write_text(MASTER_CF)
+        master_cf = MASTER_CF
+        if smtpd_port is not None:  # an SMTP server on a loopback port (never 25)
+            if smtpd_port == 25:
+                raise ValueError("the test Postfix never listens on port 25")
+            master_cf += f"127.0.0.1:{smtpd_port} inet n - n - - smtpd\n"
+        self.smtpd_port = smtpd_port
+        (self.config_dir / "master.cf").write_text(master_cf)
         # messages with a header "X-Hold: yes" wait in the hold queue until release()
         (self.config_dir / "header_checks").write_text("/^X-Hold: yes$/ HOLD held for the test\n")
         self.settings.setdefault("header_checks", f"regexp:{self.config_dir}/header_checks")
