@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from bridge.delivery.verify import cache_seconds
+from bridge.webhook.client import map_response
 from bridge.webhook.signing import Signer
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
@@ -34,11 +37,34 @@ def test_python_example_verifies_a_bridge_signature_and_refuses_a_forgery() -> N
         example["verify"](body, forged)
 
 
+def test_python_example_answers_verify_questions_as_the_bridge_signs_them() -> None:
+    example = python_example()
+    signer = Signer([example["SECRET"]])
+
+    def ask(rcpt: str, secret_signer: Signer = signer) -> tuple[int, dict[str, str], str]:
+        body = json.dumps(
+            {"type": "recipient.verify", "rcpt": rcpt, "mail_from": "", "route": "default"}
+        ).encode()
+        headers = dict(secret_signer.headers("vrfy_abc", [body]))
+        answer: tuple[int, dict[str, str], str] = example["answer_verify"](body, headers)
+        return answer
+
+    assert ask("Bob@example.org")[:2] == (200, {"Cache-Control": "max-age=600"})
+    status, headers, text = ask("ghost@example.org")
+    assert (status, text) == (404, "no such mailbox")
+    assert cache_seconds(headers["Cache-Control"], 0) == 60
+    assert ask("bob@example.org", Signer(["whsec_" + "A" * 32]))[0] == 401
+    # and the bridge reads those answers as the doc says
+    assert map_response(404, text, None, {}).status == "5.1.1"
+
+
 def test_doc_names_every_envelope_and_message_field() -> None:
     text = DOC.read_text()
     for name in (
         "rcpt_local", "rcpt_domain", "rcpt_user", "rcpt_tag", "text_charset", "html_charset",
         "auth", "defects", "content_id", "X-Lmtp-Reply", "Idempotency-Key", "{rcpt}", "{tag}",
         "http_retry_budget", "breaker_threshold", "lmtp_bridge_circuit_breaker_state",
+        "verify_url", "verify_on_error", "verify_cache_ttl", "verify_negative_ttl",
+        "recipient.verify", "lmtp_bridge_verify_requests_total",
     ):  # fmt: skip
         assert name in text, name

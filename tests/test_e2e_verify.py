@@ -14,8 +14,8 @@ import trio
 from bridge_process import (
     StartBridge,
     codes,
-    free_port,
     data_section,
+    free_port,
     message,
     metric_value,
     metrics_text,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import smtplib
+import socket
 from email.message import EmailMessage
 
 import pytest
@@ -101,14 +102,56 @@ def test_reject_unverified_recipient_refuses_unknown_at_smtp_rcpt_and_delivers_k
         assert (
             metric_value(metrics, "lmtp_bridge_verify_cache_total", labels | {"hit": "true"}) == 1
         )
-        for line in log.splitlines():  # for the record: what Postfix logs in each case
-            if "verify" in line or "NOQUEUE" in line or "status=" in line:
-                print(line)
+        _print_verify_lines(log)
+
+
+@pytest.mark.parametrize("on_error", ["defer", "accept"])
+def test_a_verify_webhook_that_is_down_follows_verify_on_error(
+    webhook_server: WebhookServer, on_error: str
+) -> None:
+    env = {
+        "LMTP_BRIDGE_VERIFY_URL": f"http://127.0.0.1:{free_port()}/verify",  # refused
+        "LMTP_BRIDGE_VERIFY_ON_ERROR": on_error,
+    }
+    smtpd_port = free_port()
+    with (
+        Bridge(webhook_server.url, env) as bridge,
+        PrivatePostfix(
+            transport_for(bridge.wait_ready().address), MAIN_CF, smtpd_port=smtpd_port
+        ) as postfix,
+    ):
+        wait_until(lambda: _listening(smtpd_port), 30, "Postfix's smtpd to listen")
+        if on_error == "accept":
+            assert smtp_send(smtpd_port, KNOWN, "unverified") == {}
+            postfix.wait_outcomes(
+                lambda found: any(o.status == "sent" for o in found), 60, "the delivery"
+            )
+            log = postfix.log()
+            assert "status=deliverable (250 2.1.5 Recipient OK (not verified" in log, log
+            assert [r.rcpt for r in webhook_server.requests] == [KNOWN]  # the delivery decided
+            _print_verify_lines(log)
+            return
+        with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+            smtp_send(smtpd_port, KNOWN, "later")
+        code, text = refused.value.recipients[KNOWN]
+        # Postfix's unverified_recipient_defer_code (450): the sender's MTA tries again later
+        assert code == 450, text
+        assert b"Recipient address rejected: unverified address" in text
+        assert b"451 4.4.1" in text
+        log = postfix.log()
+    assert webhook_server.requests == []
+    assert re.search(rf"NOQUEUE: reject: RCPT from \S+: 450 4\.1\.1 <{KNOWN}>", log), log
+    _print_verify_lines(log)
+
+
+def _print_verify_lines(log: str) -> None:
+    """For the record (pytest -s): what Postfix logs in each case."""
+    for line in log.splitlines():
+        if "NOQUEUE" in line or "status=" in line:
+            print(line)
 
 
 def _listening(port: int) -> bool:
-    import socket
-
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
     except OSError:
