@@ -3,9 +3,9 @@
 ``PrivatePostfix`` runs Debian's Postfix from a temporary directory of its own: its own
 ``config_directory``, ``queue_directory`` and ``data_directory``, no smtpd listener unless asked
 for (then on a loopback port, never 25), every recipient sent to ``default_transport =
-lmtp:...`` (the bridge), short backoff times, and ``maillog_file`` in the temporary directory. Mail goes in through Postfix's own
-``sendmail -C DIR``. The oracle is what Postfix says: the ``status=sent/deferred/bounced`` lines of
-its log, and its queue (``postqueue -j``).
+lmtp:...`` (the bridge), short backoff times, and ``maillog_file`` in the temporary directory.
+Mail goes in through Postfix's own ``sendmail -C DIR``. The oracle is what Postfix says: the
+``status=sent/deferred/bounced`` lines of its log, and its queue (``postqueue -j``).
 
 ``ChaosWebhook`` is a small HTTP receiver that answers 2xx, or 503 / a TCP reset with a given
 probability, and records which delivery id got which answer.

@@ -99,6 +99,11 @@ async def test_pipelined_rcpts_are_verified_and_answered_in_order(
     )
     assert metric_value(text, "lmtp_bridge_verify_cache_total", series | {"hit": "true"}) == 1
     assert metric_value(text, "lmtp_bridge_verify_cache_total", series | {"hit": "false"}) == 3
+    # refused at RCPT counts in the main SLI too, at stage rcpt; the deliveries at stage data
+    rejected = series | {"result": "rejected", "stage": "rcpt"}
+    assert metric_value(text, "lmtp_bridge_recipients_total", rejected) == 2
+    delivered = series | {"result": "delivered", "stage": "data"}
+    assert metric_value(text, "lmtp_bridge_recipients_total", delivered) == 2
 
 
 def smtplib_send(address: str, rcpts: list[str]) -> dict[str, tuple[int, bytes]]:

@@ -294,7 +294,7 @@ class Session:
                 assert self._mail is not None  # the core gives RcptTo only after MAIL
                 reply = await verifier.ask(route, event.recipient, self._mail.sender)
             if not reply.is_success:
-                count_refused_at_rcpt(route.name, reply)
+                metrics.count_recipients(reply.code, route.name, "rcpt")
                 self.conn.reject(reply)
                 return
             self._recipients.append(Recipient(event.recipient, route, event.orcpt))
@@ -497,13 +497,6 @@ async def _send_last(stream: trio.SocketStream, reply: Reply) -> None:
             metrics.REPLIES.labels(str(reply.code)).inc()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-
-
-def count_refused_at_rcpt(route: str, reply: Reply) -> None:
-    """HOOK for SPEC 6: a recipient refused at RCPT by its verification counts in
-    ``lmtp_bridge_recipients_total{route, stage="rcpt"}`` (result by the reply's class). The
-    ``route`` and ``stage`` labels are not on main yet; until they are, nothing is counted
-    here (the refusal is in ``lmtp_bridge_verify_*`` and ``replies_total``)."""
 
 
 def _count_replies(data: bytes) -> None:
