@@ -116,6 +116,7 @@ async def run(
     """Serve LMTP until told to stop, then drain within ``shutdown_grace`` and return."""
     router = build_router(settings)
     metrics.init_metrics(route.name for route in router.routes)
+    metrics.init_route_timeouts((route.name, route.timeout) for route in router.routes)
     init_policy_metrics(route.name for route in router.routes)
     init_verify_metrics(router.routes)
     readiness = Readiness()

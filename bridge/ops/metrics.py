@@ -56,7 +56,14 @@ WEBHOOK_DURATION = Histogram(
     "lmtp_bridge_webhook_request_duration_seconds",
     "Duration of one webhook request",
     ["route"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    # 15 and 20: resolution below the default 30 s timeout, for the "p99 near the timeout" alert
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 20, 30, 60),
+)
+WEBHOOK_TIMEOUT = Gauge(
+    "lmtp_bridge_webhook_timeout_seconds",
+    "The route's timeout for one webhook request (what the latency alert compares p99 with)",
+    ["route"],
+    multiprocess_mode="max",
 )
 WEBHOOK_IN_FLIGHT = Gauge(
     "lmtp_bridge_webhook_requests_in_flight",
@@ -155,6 +162,12 @@ def count_recipients(code: int, route: str | None, stage: str, count: int = 1) -
     only for a refused RCPT, an accepted one is counted when its delivery ends) or "data".
     """
     child(RECIPIENTS, result_of(code), route or NO_ROUTE, stage).inc(count)
+
+
+def init_route_timeouts(timeouts: Iterable[tuple[str, float]]) -> None:
+    """Publish each route's request timeout: (route name, seconds) pairs."""
+    for route, seconds in timeouts:
+        WEBHOOK_TIMEOUT.labels(route).set(seconds)
 
 
 def status_class(http_status: int | None) -> str:
