@@ -21,6 +21,11 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "postfix postfix/main_mailer_type select No configuration" | $sudo debconf-set-selections
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         "${need[@]}" >/dev/null
+    # prometheus only for promtool and the private instances of tests/test_monitoring.py: no
+    # system daemon (its package starts one where systemd runs)
+    if command -v systemctl >/dev/null && [[ " ${need[*]} " == *" prometheus "* ]]; then
+        $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
 fi
 
 . ./scripts/venv.sh test

@@ -61,6 +61,18 @@ def test_every_setting_is_documented() -> None:
         assert field.description, name
 
 
+def test_readme_lists_every_per_route_key() -> None:
+    import re
+
+    from bridge.config import RouteConfig
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    sentence = readme.split("A route may set its own", 1)[1].split(";", 1)[0]
+    assert set(re.findall(r"`(\w+)`", sentence)) - {"webhook_headers"} == (
+        set(RouteConfig.model_fields) - {"name", "match"}
+    )
+
+
 def test_without_url_or_routes_the_url_is_required() -> None:
     assert problems_of() == ["webhook_url: required unless routes are configured"]
 
