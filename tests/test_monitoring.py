@@ -150,6 +150,7 @@ def test_dashboard_is_a_provisionable_grafana_dashboard():
         "Circuit breaker state by route",
         "In flight",
         "Message size p50 / p99",
+        "Verify requests by result",
     ):
         assert wanted in titles
 
@@ -257,10 +258,16 @@ def scraped() -> Iterator[tuple[Prometheus, BridgeProcess]]:
         for rcpt in ("a@flaky.example.org", "b@flaky.example.org"):
             hook.behave(rcpt, status=503)
         hook.behave("s@slow.example.org", status=200, delay=0.45)
+        hook.behave("unknown@checked.example.org", status=404)  # refused at RCPT by verify_url
         routes = [
             {"name": "flaky", "match": "@flaky.example.org"},
             {"name": "slow", "match": "@slow.example.org", "timeout": 0.5},
             {"name": "support", "match": "support@example.org"},
+            {
+                "name": "checked",
+                "match": "@checked.example.org",
+                "verify_url": f"{hook.base_url}/verify",
+            },
         ]
         env = {"LMTP_BRIDGE_ROUTES": json.dumps(routes), "LMTP_BRIDGE_BREAKER_THRESHOLD": "2"}
         bridge = BridgeProcess(hook.url, env).wait_ready()
@@ -284,7 +291,12 @@ def scraped() -> Iterator[tuple[Prometheus, BridgeProcess]]:
             for _ in range(3):
                 assert transaction(bridge.address, ["s@slow.example.org"])[0] in (250, 451)
                 assert transaction(bridge.address, ["carol@example.org"], "y" * 100_000) == [250]
-            total = 2 + 6 + len(REJECTED) + 3 + 6
+            # recipient verification: asked, refused, and answered from the cache
+            for _ in range(2):
+                assert transaction(
+                    bridge.address, ["known@checked.example.org", "unknown@checked.example.org"]
+                ) == [250, 550]
+            total = 2 + 6 + len(REJECTED) + 3 + 6 + 4
             # scraped after the traffic, and a few scrapes more so that rate() has samples
             wait_for(
                 lambda: prometheus.query(f"sum(lmtp_bridge_recipients_total) == {total}"),
@@ -333,6 +345,8 @@ def test_dashboard_shows_what_happened(scraped):
         ("default", "deferred"),
         ("default", "rejected"),
         ("flaky", "deferred"),
+        ("checked", "delivered"),
+        ("checked", "rejected"),
     ):
         assert by_route[key] > 0, key
     breaker = {
