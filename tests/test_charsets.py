@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.mail.parsed import ParsedMessage
+from bridge.webhook.render import message_json
 
 
 def corpus_dir() -> Path:
@@ -33,7 +34,7 @@ CORPUS = sorted(p.name for p in corpus_dir().glob("msg_*.txt"))
 
 def parse(raw: bytes) -> tuple[dict[str, Any], list[str]]:
     parsed = ParsedMessage.parse(raw)
-    encoded = parsed.message_json(with_content=True)
+    encoded = message_json(parsed, with_content=True)
     encoded.decode("utf-8")  # strict: no lone surrogates, no broken bytes
     return json.loads(encoded), parsed.defects
 

@@ -13,8 +13,6 @@ BRIDGE = Path(__file__).resolve().parent.parent / "bridge"
 # Bottom to top; the modules at the top level of bridge/ (app, cli, workers, ...) are the face.
 LAYERS = ["lmtp", "base", "ops", "mail", "webhook", "delivery", "server", "config"]
 FACE = len(LAYERS)
-# Crossings still being taken apart (issue 11): mail's parse caches the JSON body pieces.
-PENDING = {("mail", "webhook")}
 
 
 def _room(module: str) -> str | None:
@@ -68,9 +66,7 @@ def test_each_room_says_its_rules(room: str) -> None:
 
 def test_imports_run_down_the_flow() -> None:
     upward = sorted(
-        f"{a} imports {b}"
-        for a, b in _edges()
-        if _rank(b) >= _rank(a) and _rank(a) < FACE and (a, b) not in PENDING
+        f"{a} imports {b}" for a, b in _edges() if _rank(b) >= _rank(a) and _rank(a) < FACE
     )
     assert upward == []
 
@@ -87,7 +83,6 @@ def test_no_private_name_crosses_a_package() -> None:
         for module, target, names in _imports()
         for name in names
         if name.startswith("_") and not name.startswith("__") and _room(module) != _room(target)
-        and (_room(module), _room(target)) not in PENDING
     )
     assert crossing == []
 

@@ -18,6 +18,7 @@ from bridge.base.route import Route
 from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.mail.parsed import ParsedMessage
 from bridge.webhook.payload import WebhookBody, build_body, envelope_object
+from bridge.webhook.render import attachment_object, message_json
 from bridge.webhook.signing import delivery_id
 
 ROUTE = Route(name="default", url="http://127.0.0.1:9/hook")
@@ -624,7 +625,7 @@ def _simple_json_body(
     """The json body built the plain way: each section dumped whole."""
     recipient = Recipient(address=rcpt, route=ROUTE)
     message = dict(parsed.fields)
-    message["attachments"] = [a.describe(with_content=True) for a in parsed.attachments]
+    message["attachments"] = [attachment_object(a, with_content=True) for a in parsed.attachments]
     did = delivery_id(buf.digest(), rcpt)
     out = b'{"version":1,"delivery_id":' + _simple_dumps(did)
     out += b',"envelope":' + _simple_dumps(envelope_object(make_envelope(), recipient, buf))
@@ -665,10 +666,10 @@ def test_large_json_body_equals_the_simple_dump(include_raw: bool, threshold: in
     # really spliced: no piece holds a whole big text or the whole base64 content
     assert max(len(c) for c in body.chunks()) < 1_500_000
     # the variant without content (multipart) is the same object minus "content"
-    message = json.loads(parsed.message_json(with_content=False))
+    message = json.loads(message_json(parsed, with_content=False))
     for att in message["attachments"]:
         assert "content" not in att
-    full = json.loads(parsed.message_json(with_content=True))
+    full = json.loads(message_json(parsed, with_content=True))
     for att in full["attachments"]:
         del att["content"]
     assert full == message

@@ -23,12 +23,13 @@ from bridge.delivery.deliverer import Deliverer, Transaction
 from bridge.lmtp.events import Reply
 from bridge.mail import body as mimebody
 from bridge.mail import parsed as mime
+from bridge.mail.bodytext import BodyText
 from bridge.mail.parsed import ParsedMessage
 from bridge.webhook import client as webhook
 from bridge.webhook.client import WebhookClient
 from bridge.webhook.payload import build_body
+from bridge.webhook.render import rendered
 from bridge.webhook.signing import delivery_id
-from bridge.webhook.textstream import SpooledText
 
 RECIPIENTS = [
     Recipient(address="bob@example.net", route=ROUTE),
@@ -78,12 +79,13 @@ def bodies(buf: MessageBuffer, parsed: ParsedMessage) -> list[bytes]:
 
 def assert_same(raw: bytes, spooled: bool, *, text_spooled: bool | None = None) -> ParsedMessage:
     """The bodies with and without the spooled text are equal; returns the new parse, closed.
-    ``text_spooled``: whether the text field must have been a SpooledText."""
+    ``text_spooled``: whether the text field must have been left in the buffer (and spooled
+    by the render: in memory for a message in memory)."""
     buf = make_buffer(raw, spooled)
     old = parse(buf, False)
     new = parse(buf, True)
     try:
-        assert not any(isinstance(v, SpooledText) for v in old.fields.values())
+        assert not any(isinstance(v, BodyText) for v in old.fields.values())
         expected = bodies(buf, old)
         assert bodies(buf, new) == expected
         assert new.defects == old.defects
@@ -92,9 +94,9 @@ def assert_same(raw: bytes, spooled: bool, *, text_spooled: bool | None = None) 
         json.loads(expected[0])
         if text_spooled is not None:
             value = new.fields["text"]
-            assert isinstance(value, SpooledText) == text_spooled
+            assert isinstance(value, BodyText) == text_spooled
             if text_spooled:
-                assert isinstance(value, SpooledText) and value.in_memory == (not spooled)
+                assert [t.in_memory for t in rendered(new).spooled] == [not spooled]
     finally:
         new.close()
         buf.close()
@@ -229,7 +231,7 @@ def test_kinds_of_single_part(
 ) -> None:
     raw = single_part(repeat(TEXT, "utf-8"), content_type, "utf-8", extra)
     new = assert_same(raw, spooled, text_spooled=text_spooled)
-    assert isinstance(new.fields["html"], SpooledText) == (content_type == "text/html")
+    assert isinstance(new.fields["html"], BodyText) == (content_type == "text/html")
 
 
 @pytest.mark.parametrize("spooled", [False, True], ids=["memory", "spooled"])
@@ -324,8 +326,8 @@ def test_text_spool_failure_falls_back_to_memory() -> None:
     buf = make_buffer(raw, True, spool_dir=spool_dir)
     shutil.rmtree(spool_dir)  # the message's own file is open already; no new file can be
     old, new = parse(buf, False), parse(buf, True)
-    assert isinstance(new.fields["text"], str)
     assert bodies(buf, new) == bodies(buf, old)
+    assert isinstance(new.fields["text"], BodyText) and rendered(new).spooled == []
 
 
 def spool_files() -> int:
@@ -344,9 +346,9 @@ def test_close_frees_the_file_and_fails_later_sends() -> None:
     buf = make_buffer(smtp_source(300_000), True)
     before = spool_files()
     parsed = parse(buf, True)
-    assert spool_files() == before + 1  # the escaped text's file
     did = delivery_id(buf.digest(), RECIPIENTS[0].address)
     body = build_body("json", ENVELOPE, RECIPIENTS[0], buf, parsed, did, "bridge.example.com")
+    assert spool_files() == before + 1  # the escaped text's file
     parsed.close()
     parsed.close()  # twice is fine
     assert spool_files() == before
@@ -404,7 +406,7 @@ async def test_deliverer_sends_equal_bodies_and_closes_the_text(
         await deliverer.deliver(txn, emit)
         assert spool_files() == before  # the text's file is closed
     assert [r.code for r in replies] == [250, 250, 250]
-    assert len(closed) == 1 and isinstance(closed[0].fields["text"], SpooledText)
+    assert len(closed) == 1 and isinstance(closed[0].fields["text"], BodyText)
     old = parse(buf, False)
     for rcpt in rcpts[:2]:
         did = delivery_id(buf.digest(), rcpt.address)

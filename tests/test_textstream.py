@@ -20,9 +20,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bridge.base.transaction import READ_CHUNK, MessageBuffer
+from bridge.mail.bodytext import defined_bytes as _defined_bytes
+from bridge.mail.bodytext import is_single_byte as _is_single_byte
 from bridge.mail.charsets import Defects, _declared_charset, _decode_text
 from bridge.mail.parsed import ParsedMessage
-from bridge.webhook.textstream import SpooledText, _defined_bytes, _is_single_byte
+from bridge.webhook.textstream import SpooledText
 
 # Accepted whatever the bytes: the guess, UTF-8 and the single-byte codecs.
 ALWAYS = [
@@ -463,3 +465,52 @@ def test_chunk_size_must_be_positive(chunk_size: int) -> None:
     buf = make_buffer(b"", b"x", spooled=False)
     with pytest.raises(ValueError):
         SpooledText.write(buf, 0, None, "part 1", Defects(), chunk_size=chunk_size)
+
+
+# --- the buffer as BodyText.decide reads it ------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(
+        st.lists(st.sampled_from([b"a", b"\r\n", b"\x7f", b"\x00", b"\x1b", b"\x80", b"\xff"]))
+        .map(b"".join),
+        max_size=8,
+    ),
+    spooled=st.booleans(),
+    start=st.integers(min_value=0, max_value=40),
+)
+def test_the_buffer_knows_where_plain_text_starts(
+    pieces: list[bytes], spooled: bool, start: int
+) -> None:
+    """plain_from answers from what write() noted (the decision's read-free case): it must
+    be what a look at the bytes says, whatever the pieces and wherever the body starts."""
+    buf = MessageBuffer(0 if spooled else 1 << 30)
+    for piece in pieces:
+        buf.write(piece)
+    data = b"".join(pieces)
+    tail = data[start:]
+    assert buf.plain_from(start) == (tail.isascii() and b"\x1b" not in tail)
+    for chunk_size in (1, 3, READ_CHUNK):
+        got = list(buf.chunks_from(start, chunk_size))
+        assert b"".join(got) == tail and all(0 < len(c) <= chunk_size for c in got)
+    buf.close()
+
+
+def test_an_8bit_text_is_read_to_decide_and_to_escape() -> None:
+    """Not plain ASCII: the charset is decided by reading the body (the model must carry its
+    defects), then the webhook side escapes it: two reads, never more."""
+    buf = make_buffer(b"", "caf\xe9 text\r\n".encode() * 100_000, spooled=True, piece=65536)
+    reads = 0
+    real = buf.iter_chunks
+
+    def counting(chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        nonlocal reads
+        reads += 1
+        return real(chunk_size)
+
+    buf.iter_chunks = counting  # type: ignore[method-assign]
+    streamed = SpooledText.write(buf, 0, None, "part 1", Defects())
+    assert streamed is not None and streamed.codec == "utf-8"
+    assert reads == 2
+    streamed.close()

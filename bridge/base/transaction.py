@@ -53,6 +53,8 @@ class MessageBuffer:
         self._file: IO[bytes] | None = None
         self._hash = hashlib.sha256()
         self.size = 0
+        # (start, end) of the last piece written with an 8-bit byte or an ESC: see plain_from
+        self._marked = (0, 0)
 
     @property
     def spooled(self) -> bool:
@@ -66,6 +68,8 @@ class MessageBuffer:
     def write(self, data: bytes) -> None:
         self._hash.update(data)
         self.size += len(data)
+        if not data.isascii() or b"\x1b" in data:  # both far cheaper than the hash
+            self._marked = (self.size - len(data), self.size)
         if self._file is None:
             self._chunks.append(data)
             if self.size > self._threshold:
@@ -102,6 +106,38 @@ class MessageBuffer:
                 return
             offset += len(piece)
             yield piece
+
+    def chunks_from(self, start: int, chunk_size: int = READ_CHUNK) -> Iterator[bytes]:
+        """The bytes ``start:`` of the message, never more than ``chunk_size`` at a time."""
+        if self._file is None:
+            # In memory already: one join of the pieces as received, then even slices.
+            view = memoryview(self.getvalue())
+            for i in range(start, len(view), chunk_size):
+                yield bytes(view[i : i + chunk_size])
+            return
+        pos = 0
+        for chunk in self.iter_chunks(chunk_size):
+            skip = start - pos
+            pos += len(chunk)
+            if skip >= len(chunk):
+                continue
+            yield chunk[skip:] if skip > 0 else chunk
+
+    def plain_from(self, start: int) -> bool:
+        """Whether the bytes ``start:`` are 7-bit with no ESC: plain ASCII text, which UTF-8
+        and the usual guesses read alike. Known from what ``write`` noted, without a pass over
+        the bytes (at most the part of one piece that begins before ``start`` is read)."""
+        first, end = self._marked
+        if end <= start:
+            return True
+        if first >= start:
+            return False
+        if self._file is None:
+            tail = self.getvalue()[start:end]
+        else:
+            self._file.flush()
+            tail = os.pread(self._file.fileno(), end - start, start)
+        return tail.isascii() and b"\x1b" not in tail
 
     def close(self) -> None:
         self._chunks = []

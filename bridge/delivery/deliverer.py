@@ -22,6 +22,7 @@ from bridge.ops import metrics
 from bridge.ops.logs import log_event
 from bridge.webhook.client import Outcome, WebhookClient, WebhookRequest
 from bridge.webhook.payload import build_body
+from bridge.webhook.render import rendered
 from bridge.webhook.signing import Signer, delivery_id
 
 log = logging.getLogger("bridge.delivery.deliverer")
@@ -121,11 +122,11 @@ class Deliverer:
         if all(r.route.payload == "raw" for r in txn.recipients):
             return None
         # Read from the buffer: a spooled message's text is decoded and escaped into a
-        # temporary file, never held whole (ParsedMessage.from_buffer).
+        # temporary file, never held whole (ParsedMessage.from_buffer, then its rendering).
         message = txn.message
         if message.size > PARSE_IN_THREAD_ABOVE:
-            return await trio.to_thread.run_sync(ParsedMessage.from_buffer, message, self._trusted)
-        return ParsedMessage.from_buffer(message, self._trusted)
+            return await trio.to_thread.run_sync(_parse, message, self._trusted)
+        return _parse(message, self._trusted)
 
     async def _deliver_one(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None
@@ -212,3 +213,15 @@ class Deliverer:
         if signer is None:
             signer = self._signers[route.secrets] = Signer(route.secrets)
         return signer
+
+
+def _parse(message: MessageBuffer, trusted: tuple[str, ...]) -> ParsedMessage:
+    """The message parsed, and rendered once for every recipient's body (json and multipart
+    share it): both the heavy part of a big message, done together off the event loop."""
+    parsed = ParsedMessage.from_buffer(message, trusted)
+    try:
+        rendered(parsed)
+    except Exception:  # build_body meets it again for each recipient, which answers 451
+        log.debug("rendering the message failed", exc_info=True)
+    return parsed
+

@@ -4,7 +4,6 @@ content decoded (transfer encoding undone) with as few copies as we could manage
 
 from __future__ import annotations
 
-import base64
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,8 +13,9 @@ from typing import Any
 from bridge.mail.body import _BodyRef
 from bridge.mail.charsets import Defects, _declared_charset, _decode_text
 from bridge.mail.emailpolicy import _GENERATOR_POLICY
-from bridge.webhook.pieces import _BIG_STR, _utf8
 
+# A payload longer than this many characters is decoded without the stdlib's copies.
+_BIG_PAYLOAD = 64 * 1024
 # Deeper MIME nesting than this is not looked into (it is still in "raw" and in the defects).
 MAX_MIME_DEPTH = 50
 
@@ -35,8 +35,10 @@ class Attachment:
     charset: str | None = None  # the declared charset parameter, lower case
     text: str | None = None  # an inline text part after the first: decoded, as a client shows it
 
-    def describe(self, with_content: bool) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def describe(self) -> dict[str, Any]:
+        """What is said of the attachment besides its content (the ``message.attachments``
+        entry of SPEC section 5 without ``content``)."""
+        return {
             "filename": self.filename,
             "content_type": self.content_type,
             "size": len(self.content),
@@ -45,9 +47,6 @@ class Attachment:
             "charset": self.charset,
             "text": self.text,
         }
-        if with_content:
-            out["content"] = base64.b64encode(self.content).decode("ascii")
-        return out
 
 
 def _leaves(msg: Message, defects: Defects) -> Iterator[tuple[str, Message]]:
@@ -82,13 +81,13 @@ def _take_part(
 ) -> None:
     """File one leaf part under text, html or attachments; ``body`` is its content when the
     caller took it from the message bytes itself (the body fast path), else it is decoded.
-    A ``_BodyRef`` body is read from the message buffer: a text body as a SpooledText."""
+    A ``_BodyRef`` body stays in the message buffer: a text body as a ``BodyText``."""
     ctype = part.get_content_type()
     disposition = part.get_content_disposition()
     filename = part.get_filename()
     ref: _BodyRef | None = None
     if isinstance(body, _BodyRef):
-        ref, content = body, b""  # read below, unless the text is spooled
+        ref, content = body, b""  # read below, unless the text stays in the buffer
     else:
         content = _part_bytes(where, part, defects) if body is None else body
     del body  # content is now the only reference: the "del content" below frees the bytes
@@ -103,9 +102,9 @@ def _take_part(
     charset = _declared_charset(part)
     if is_text and is_body and fields[key] is None:
         if ref is not None:
-            spooled = ref.spool(charset, where, defects)
-            if spooled is not None:
-                fields[key] = spooled
+            left = ref.text(charset, where, defects)
+            if left is not None:
+                fields[key] = left
                 fields[key + "_charset"] = charset
                 return
             content = ref.read()  # declined: decoded in memory, as always
@@ -158,7 +157,7 @@ def _decoded_payload(part: Message) -> Any:
     cte = str(part.get("content-transfer-encoding", "")).lower()
     if (
         not isinstance(payload, str)
-        or len(payload) <= _BIG_STR
+        or len(payload) <= _BIG_PAYLOAD
         or cte in ("quoted-printable", "x-uuencode", "uuencode", "uue", "x-uue")
         or not payload.isascii()
     ):
@@ -180,4 +179,8 @@ def _as_bytes(msg: Message) -> bytes:
     try:
         return msg.as_bytes(policy=_GENERATOR_POLICY)
     except Exception:  # the bytes generator trips over some broken 8-bit parts
-        return _utf8(msg.as_string(policy=_GENERATOR_POLICY))
+        text = msg.as_string(policy=_GENERATOR_POLICY)
+        try:
+            return text.encode("utf-8", "surrogateescape")  # back to the original 8-bit bytes
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "replace")

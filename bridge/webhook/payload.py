@@ -1,8 +1,8 @@
 """One recipient's copy of a message as a webhook request body: ``json``, ``raw`` or ``multipart``.
 
 
-The MIME parse runs once per message (``bridge.mail.parsed.ParsedMessage``); each recipient only
-adds its envelope.
+The MIME parse runs once per message (``bridge.mail.parsed.ParsedMessage``), and so does its JSON
+rendering (``bridge.webhook.render``); each recipient only adds its envelope.
 
 ``json`` (application/json) is the version 1 object of SPEC section 5. ``raw`` (message/rfc822)
 is ``Return-Path``, ``Delivered-To`` and ``Received`` trace headers followed by the message
@@ -35,6 +35,7 @@ from bridge.base.route import split_address, split_extension
 from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.mail.parsed import ParsedMessage
 from bridge.webhook.pieces import _dumps, _expand, _Piece, _utf8
+from bridge.webhook.render import raw_pieces, rendered
 
 PAYLOAD_KINDS = ("json", "raw", "multipart")
 JSON_VERSION = 1
@@ -75,18 +76,19 @@ def build_body(
         parsed = ParsedMessage.parse(message.getvalue())
     env = envelope_object(envelope, recipient, message, delimiter)
     if kind == "json":
+        json_message = rendered(parsed)
         pieces: list[_Piece] = [
             b'{"version":%d,"delivery_id":' % JSON_VERSION,
             _dumps(delivery_id),
             b',"envelope":',
             _dumps(env),
             b',"message":',
-            *parsed.message_pieces(with_content=True),
+            *json_message.message_pieces(with_content=True),
             b',"defects":',
-            parsed.defects_json(),
+            json_message.defects_json(),
         ]
         if include_raw:
-            pieces += [b',"raw":', *parsed.raw_pieces(message)]
+            pieces += [b',"raw":', *raw_pieces(message)]
         pieces.append(b"}")
         return _body("application/json", [], pieces)
     return _multipart_body(env, parsed)
@@ -192,9 +194,10 @@ def _multipart_body(env: dict[str, Any], parsed: ParsedMessage) -> WebhookBody:
         head = f"Content-Disposition: {disposition}\r\nContent-Type: {content_type}\r\n\r\n"
         pieces.extend((delimiter, _utf8(head), *content, b"\r\n"))
 
+    json_message = rendered(parsed)
     field("envelope", "application/json", [_dumps(env)])
-    field("message", "application/json", parsed.message_pieces(with_content=False))
-    field("defects", "application/json", [parsed.defects_json()])
+    field("message", "application/json", json_message.message_pieces(with_content=False))
+    field("defects", "application/json", [json_message.defects_json()])
     for n, att in enumerate(parsed.attachments, start=1):
         name = f"attachment{n}"
         field(name, att.content_type, [att.content], att.filename or name)
