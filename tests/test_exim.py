@@ -175,3 +175,31 @@ async def test_exim_without_chunking_uses_data(
     assert {r: o[0] for r, o in result.outcome.items()} == dict.fromkeys(rcpts, "delivered")
     assert_clean(result)
     assert len(webhook_server.requests) == 2
+
+
+# What real mailboxes use: whatever Exim forwards, the bridge must accept (a refusal would
+# bounce real mail). Exim quotes local parts that are not dot-atoms itself.
+ODD_ADDRESSES = [
+    "o'brien@example.org",
+    "bob+tag@example.org",
+    "!#$%&*=?^_`{|}~-@example.org",
+    '"a b"@example.org',
+    '"a@b"@example.org',
+    "a..b@example.org",
+    "trailing.@example.org",
+    "user@[192.0.2.1]",
+    "user@[IPv6:2001:db8::1]",
+    "jörg@example.org",
+]
+
+
+async def test_exim_forwards_odd_but_real_addresses_and_the_bridge_takes_them(
+    exim: str, start_bridge: StartBridge, webhook_server: WebhookServer
+) -> None:
+    running = await start_bridge()
+    result = await exim_deliver(exim, running.lmtp_addresses[0], ODD_ADDRESSES, message())
+    assert_clean(result)
+    # (the log parser takes the first word of `a b@example.org <"a b"@example.org>`: count them)
+    assert [o[0] for o in result.outcome.values()] == ["delivered"] * len(ODD_ADDRESSES)
+    # Exim sends the legacy dot forms unquoted (a..b@, trailing.@) and the IPv6 tag as given
+    assert sorted(r.rcpt or "" for r in webhook_server.requests) == sorted(ODD_ADDRESSES)

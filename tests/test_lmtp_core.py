@@ -240,8 +240,9 @@ def test_S01_verbs_and_keywords_are_case_insensitive() -> None:
 
 def test_S02_512_octet_command_lines_are_accepted() -> None:
     noop = "NOOP " + "x" * (512 - 7)
-    rcpt = "RCPT TO:<" + "r" * (510 - len("RCPT TO:<@example.net>")) + "@example.net>"
-    assert len(noop) + 2 == 512 and len(rcpt) + 2 == 512
+    path = "<" + "r" * (256 - len("<@example.net>")) + "@example.net>"  # the most a path may have
+    rcpt = f"RCPT TO:{path} ORCPT=rfc822;" + "o" * (510 - len(f"RCPT TO:{path} ORCPT=rfc822;"))
+    assert len(noop) + 2 == 512 and len(rcpt) + 2 == 512 and len(path) == 256
     out = run(noop, MAIL, rcpt)
     assert codes_after_lhlo(out) == [250, 250, 250]
 

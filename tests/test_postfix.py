@@ -329,3 +329,35 @@ def test_sigterm_mid_batch_loses_nothing_and_bounces_nothing(
         f"\nSIGTERM mid-batch: {count * 2} recipients, {len(taken)} taken before the bridge "
         f"exited, {len(deferred)} deferrals: {dict(reasons)}"
     )
+
+
+# What real mailboxes use and Postfix forwards: the bridge must accept every one (a refusal
+# here would bounce real mail). Postfix quotes local parts that are not dot-atoms itself.
+ODD_ADDRESSES = {
+    "o'brien@example.org": "o'brien@example.org",
+    "bob+tag@example.org": "bob+tag@example.org",
+    "!#$%&*=?^_`{|}~-@example.org": "!#$%&*=?^_`{|}~-@example.org",
+    '"a b"@example.org': '"a b"@example.org',
+    '"a@b"@example.org': '"a@b"@example.org',
+    "a..b@example.org": '"a..b"@example.org',
+    "trailing.@example.org": '"trailing."@example.org',
+    "user@[192.0.2.1]": "user@[192.0.2.1]",
+    "user@[IPv6:2001:db8::1]": "user@[IPv6:2001:db8::1]",
+    "jörg@example.org": "jörg@example.org",
+    # a source route on sendmail's command line: Postfix makes it two recipients, one with an
+    # empty quoted local part, and forwards both
+    "@relay.example,@hop.example:routed@example.org": "routed@example.org",
+}
+FORWARDED = sorted([*ODD_ADDRESSES.values(), '""@relay.example'])
+
+
+def test_odd_but_real_addresses_pass_through_postfix(webhook_server: WebhookServer) -> None:
+    sender = '"odd sender"@example.org'
+    with bridge_and_postfix(webhook_server) as (_bridge, postfix):
+        postfix.sendmail(make_message("odd@test"), sender, list(ODD_ADDRESSES))
+        postfix.wait_queue_empty(60)
+        outcomes = postfix.outcomes()
+    assert [o.status for o in outcomes] == ["sent"] * len(FORWARDED), postfix.log()
+    got = sorted(envelope(r)["rcpt_to"] for r in webhook_server.requests)  # type: ignore[type-var]
+    assert got == FORWARDED
+    assert {envelope(r)["mail_from"] for r in webhook_server.requests} == {sender}

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 
 from bridge.lmtp import errors
+from bridge.lmtp.address import AddressError, parse_path
 from bridge.lmtp.errors import LmtpError
 from bridge.lmtp.events import (
     NEED_DATA,
@@ -697,13 +698,14 @@ def _split_path(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
 
 
 def _closing_bracket(text: str) -> int:
-    """Index of the ``>`` that closes the path, skipping quoted local parts."""
+    """Index of the ``>`` that closes the path, skipping quoted local parts (a backslash
+    escapes only inside quotes, RFC 5321 quoted-pairSMTP)."""
     quoted = False
     escaped = False
     for i, char in enumerate(text[1:], start=1):
         if escaped:
             escaped = False
-        elif char == "\\":
+        elif char == "\\" and quoted:
             escaped = True
         elif char == '"':
             quoted = not quoted
@@ -713,22 +715,12 @@ def _closing_bracket(text: str) -> int:
 
 
 def _parse_path(path: str, *, allow_empty: bool) -> str:
-    if not path:
-        if allow_empty:
-            return ""
+    if not path and not allow_empty:
         raise errors.syntax("Empty recipient address", "5.1.3")
-    if path.startswith("@"):  # obsolete source route: <@a,@b:user@d>
-        _, colon, path = path.partition(":")
-        if not colon:
-            raise errors.syntax("Bad source route", "5.1.3")
-    if any("\udc80" <= c <= "\udcff" for c in path):
-        raise errors.syntax("Address is not valid UTF-8", "5.1.3")
-    quoted = path.startswith('"')
-    if any(c < " " or c == "\x7f" or (c == " " and not quoted) for c in path):
-        raise errors.syntax("Bad address syntax", "5.1.3")
-    if path.startswith("@") or path.endswith("@") or "<" in path:
-        raise errors.syntax("Bad address syntax", "5.1.3")
-    return path
+    try:
+        return parse_path(path)
+    except AddressError as exc:
+        raise errors.syntax(str(exc), "5.1.3") from None
 
 
 def _parse_bdat(arg: str) -> tuple[int, bool]:
