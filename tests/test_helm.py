@@ -30,6 +30,7 @@ MONITORING_API = [
     "monitoring.coreos.com/v1",
     "monitoring.coreos.com/v1/ServiceMonitor",
     "monitoring.coreos.com/v1/PodMonitor",
+    "monitoring.coreos.com/v1/PrometheusRule",
 ]
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
@@ -58,11 +59,20 @@ ALL_FEATURES: dict[str, Any] = {
     "metrics": {
         "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
         "podMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True, "labels": {"release": "prom"}},
+        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Mail"}},
     },
     "networkPolicy": {
         "enabled": True,
-        "lmtpFrom": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "postfix"}}}],
-        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        "lmtp": {
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "postfix"}},
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mta"}},
+        },
+        "metrics": {
+            "namespaceSelector": {"matchLabels": {"name": "prometheus"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        },
+        "extraLmtpFrom": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
         "egress": [{"ports": [{"port": 443, "protocol": "TCP"}, {"port": 53, "protocol": "UDP"}]}],
     },
     "extraEnv": [{"name": "LMTP_BRIDGE_LOG_LEVEL", "value": "DEBUG"}],
@@ -173,6 +183,7 @@ def test_defaults_render_valid_manifests(chart):
         "Service",
         "ServiceAccount",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     }
     validate_all(manifests)
     assert deployment(manifests)["spec"]["replicas"] == 2
@@ -194,7 +205,9 @@ def test_every_feature_renders_valid_manifests(chart):
         "NetworkPolicy",
         "ServiceMonitor",
         "PodMonitor",
+        "PrometheusRule",
     }
+    assert ("ConfigMap", f"{FULLNAME}-dashboard") in manifests
     validate_all(manifests)
     assert "replicas" not in deployment(manifests)["spec"]  # the HPA owns it
     hpa = manifests[("HorizontalPodAutoscaler", FULLNAME)]
@@ -234,11 +247,11 @@ def test_monitors_need_the_value_and_the_crd(chart):
 
 def test_sidecar_mode_renders_only_the_configuration(chart):
     manifests, notes = render(chart, {"mode": "sidecar"})
-    assert kinds(manifests) == {"ConfigMap"}
+    assert kinds(manifests) == {"ConfigMap", "Secret"}  # the Secret the MTA's pod mounts
     manifests, notes = render(
         chart, merged(ALL_FEATURES, {"mode": "sidecar"}), api_versions=MONITORING_API
     )
-    assert kinds(manifests) == {"ConfigMap", "Secret"}
+    assert kinds(manifests) == {"ConfigMap", "Secret", "PrometheusRule"}  # and the dashboard
     validate_all(manifests)
     assert "virtual_transport = lmtp:inet:127.0.0.1:2424" in notes
     assert f"ConfigMap {FULLNAME}" in notes
@@ -455,11 +468,14 @@ def readme_yaml(first_line: str) -> dict:
     return yaml.safe_load(block)
 
 
-def test_readme_sidecar_examples_fit_the_chart(chart):
+@pytest.mark.parametrize(
+    "secret", [{"webhookSecret": SECRET}, {}], ids=["with-webhook-secret", "without"]
+)
+def test_readme_sidecar_examples_fit_the_chart(chart, secret):
+    """Both examples mount the release's ConfigMap and Secret by name: the Secret must exist
+    even without a signing secret, or the MTA's pod never starts."""
     release = "mail-hooks"
-    rendered = chart.render(
-        {"mode": "sidecar", "secret": {"webhookSecret": SECRET}}, name=release, namespace="mail"
-    )
+    rendered = chart.render({"mode": "sidecar", "secret": secret}, name=release, namespace="mail")
     manifests = {}
     for path, text in rendered.items():
         if path.endswith("NOTES.txt"):
@@ -516,3 +532,174 @@ def test_versions_agree():
         )
     )
     assert readme_tags == {__version__}
+
+
+# ---- NetworkPolicy: on by default, LMTP only from the pods you name ----
+
+
+def selects(selector: dict | None, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels only, which is what the chart renders) against labels."""
+    assert selector is not None and set(selector) <= {"matchLabels"}, selector
+    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
+
+
+def admitted(policy: dict, port: str, pod: dict[str, str], namespace: dict[str, str]) -> bool:
+    """Whether NetworkPolicy ``policy`` lets a pod (its labels) from a namespace (its labels,
+    kubernetes.io/metadata.name among them) connect to ``port``: the rules of the Kubernetes
+    NetworkPolicy API for podSelector/namespaceSelector peers."""
+    for rule in policy["spec"]["ingress"]:
+        if port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if "from" not in rule:
+            return True
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                continue
+            if "namespaceSelector" in peer:
+                namespace_ok = selects(peer["namespaceSelector"], namespace)
+            else:
+                namespace_ok = namespace["kubernetes.io/metadata.name"] == NAMESPACE
+            if namespace_ok and selects(peer.get("podSelector", {}), pod):
+                return True
+    return False
+
+
+def namespace_labels(name: str) -> dict[str, str]:
+    return {"kubernetes.io/metadata.name": name}
+
+
+def test_network_policy_is_on_by_default_and_admits_only_the_named_pods(chart):
+    manifests, notes = render(chart)
+    policy = manifests[("NetworkPolicy", FULLNAME)]
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"]
+        == (deployment(manifests)["spec"]["selector"]["matchLabels"])
+    )
+    here, monitoring = namespace_labels(NAMESPACE), namespace_labels("monitoring")
+    mta = {"app.kubernetes.io/name": "postfix", "lmtp-bridge-client": "true"}
+    other = {"app.kubernetes.io/name": "web"}
+    assert admitted(policy, "lmtp", mta, here)
+    assert not admitted(policy, "lmtp", other, here)  # any other pod: refused
+    assert not admitted(policy, "lmtp", mta, namespace_labels("elsewhere"))
+    assert not admitted(policy, "lmtp", {}, monitoring)
+    assert admitted(policy, "metrics", {"app": "prometheus"}, monitoring)
+    assert not admitted(policy, "metrics", mta, here)  # metrics only from monitoring
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress open: webhooks, DNS
+    assert '{"matchLabels":{"lmtp-bridge-client":"true"}} in namespace mailns' in notes
+    assert '{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}' in notes
+
+    # the README's example: the MTA's own label, in the MTA's namespace
+    manifests, _ = render(chart, ALL_FEATURES, api_versions=MONITORING_API)
+    policy = manifests[("NetworkPolicy", FULLNAME)]
+    postfix = {"app.kubernetes.io/name": "postfix"}
+    assert admitted(policy, "lmtp", postfix, namespace_labels("mta"))
+    assert not admitted(policy, "lmtp", postfix, here)
+    assert not admitted(policy, "lmtp", other, namespace_labels("mta"))
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert admitted(policy, "metrics", prometheus, {"name": "prometheus"})
+    assert not admitted(policy, "metrics", other, {"name": "prometheus"})
+    lmtp_rule = policy["spec"]["ingress"][0]
+    assert {"ipBlock": {"cidr": "10.20.0.0/16"}} in lmtp_rule["from"]  # extraLmtpFrom
+    validate_all(manifests)
+
+    manifests, _ = render(chart, {"networkPolicy": {"enabled": False}})
+    assert "NetworkPolicy" not in kinds(manifests)
+
+
+def test_network_policy_selectors_are_checked(chart):
+    with pytest.raises(helm_python.HelmValuesError):
+        render(chart, {"networkPolicy": {"lmtp": {"podSelector": "postfix"}}})
+    with pytest.raises(helm_python.HelmValuesError):
+        render(chart, {"networkPolicy": {"lmtp": {"podSelector": {"app": "postfix"}}}})
+
+
+# ---- the Secret: rendered, or existing; the sidecar's always exists ----
+
+
+def test_secret_rendered_or_existing(chart, tmp_path):
+    def secret_env(values):
+        manifests, notes = render(chart, values)
+        return manifests, env_of(manifests), notes
+
+    manifests, env, _ = secret_env({"secret": {"webhookSecret": SECRET}})
+    secret = manifests[("Secret", FULLNAME)]
+    assert base64.b64decode(secret["data"]["webhook-secret"]).decode() == SECRET
+    assert env["LMTP_BRIDGE_WEBHOOK_SECRET_FILE"] == "/etc/lmtp-bridge/secrets/webhook-secret"
+    validate_all(manifests)
+
+    manifests, env, notes = secret_env({"secret": {"existingSecret": "mail-hooks"}})
+    assert "Secret" not in kinds(manifests)
+    assert env["LMTP_BRIDGE_WEBHOOK_SECRET_FILE"] == "/etc/lmtp-bridge/secrets/webhook-secret"
+    assert "not signed" not in notes
+
+    manifests, env, notes = secret_env({})  # nothing to keep: no Secret, no mount, a warning
+    assert "Secret" not in kinds(manifests)
+    assert "LMTP_BRIDGE_WEBHOOK_SECRET_FILE" not in env
+    assert "WARNING: no secret.webhookSecret" in notes
+
+    # sidecar mode without a signing secret: the Secret still exists (the MTA's pod mounts it by
+    # name) and its empty key is read by the bridge as "no signature"
+    manifests, notes = render(chart, {"mode": "sidecar"})
+    secret = manifests[("Secret", FULLNAME)]
+    assert secret["data"] == {"webhook-secret": ""}
+    assert f"Secret    {FULLNAME} (mount this one)" in notes
+    (tmp_path / "webhook-secret").write_bytes(base64.b64decode(secret["data"]["webhook-secret"]))
+    settings = load_settings(
+        environ={
+            "LMTP_BRIDGE_WEBHOOK_URL": "https://hooks.example.org/mail",
+            "LMTP_BRIDGE_WEBHOOK_SECRET_FILE": str(tmp_path / "webhook-secret"),
+        }
+    )
+    assert settings.webhook_secret == []
+    manifests, notes = render(chart, {"mode": "sidecar", "secret": {"existingSecret": "hooks"}})
+    assert kinds(manifests) == {"ConfigMap"}
+    assert "Secret    hooks (mount this one)" in notes
+    manifests, _ = render(chart, {"mode": "sidecar", "secret": {"create": False}})
+    assert kinds(manifests) == {"ConfigMap"}
+
+
+# ---- monitoring: the dashboard ConfigMap and the PrometheusRule ----
+
+DEPLOY = ROOT / "deploy"
+
+
+def test_dashboard_configmap_for_the_grafana_sidecar(chart):
+    manifests, _ = render(chart)
+    assert ("ConfigMap", f"{FULLNAME}-dashboard") not in manifests  # off by default
+    for mode in ("deployment", "sidecar"):
+        manifests, _ = render(chart, {"mode": mode, "metrics": ALL_FEATURES["metrics"]})
+        configmap = manifests[("ConfigMap", f"{FULLNAME}-dashboard")]
+        assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+        assert configmap["metadata"]["annotations"] == {"grafana_folder": "Mail"}
+        assert configmap["metadata"]["namespace"] == NAMESPACE
+        (name,) = configmap["data"]
+        assert name.endswith(".json")
+        assert json.loads(configmap["data"][name]) == json.loads(
+            (DEPLOY / "lmtp-bridge-dashboard.json").read_text()
+        )
+        validate_all({("ConfigMap", "dashboard"): configmap})
+    manifests, _ = render(
+        chart, {"metrics": {"grafanaDashboard": {"enabled": True, "namespace": "grafana"}}}
+    )
+    assert manifests[("ConfigMap", f"{FULLNAME}-dashboard")]["metadata"]["namespace"] == "grafana"
+
+
+def test_prometheus_rule_needs_the_value_and_the_crd(chart):
+    on = {"metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}}
+    manifests, notes = render(chart, on)  # no Prometheus Operator
+    assert "PrometheusRule" not in kinds(manifests)
+    assert "PrometheusRule API" in notes and "none was created" in notes
+    manifests, _ = render(chart, {}, api_versions=MONITORING_API)  # the CRD, not enabled
+    assert "PrometheusRule" not in kinds(manifests)
+    manifests, notes = render(chart, on, api_versions=MONITORING_API)
+    rule = manifests[("PrometheusRule", FULLNAME)]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    assert rule["metadata"]["namespace"] == NAMESPACE
+    # exactly the rule file that promtool tests (tests/test_monitoring.py)
+    assert rule["spec"] == yaml.safe_load((DEPLOY / "lmtp-bridge-alerts.yml").read_text())
+    assert "PrometheusRule API" not in notes
+    for group in rule["spec"]["groups"]:
+        for alert in group["rules"]:
+            assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
+            assert alert["labels"]["severity"] in ("critical", "warning")

@@ -66,7 +66,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "lmtp-bridge.secretName" -}}
 {{- if .Values.secret.existingSecret }}
 {{- .Values.secret.existingSecret }}
-{{- else if and .Values.secret.create (or .Values.secret.webhookSecret .Values.secret.webhookHeaders) }}
+{{- else if and .Values.secret.create (or (eq .Values.mode "sidecar") .Values.secret.webhookSecret .Values.secret.webhookHeaders) }}
 {{- include "lmtp-bridge.fullname" . }}
 {{- end }}
 {{- end }}
