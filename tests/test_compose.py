@@ -86,6 +86,41 @@ def test_bridge_service_is_hardened(compose):
     assert all(p.startswith("127.0.0.1:") for p in bridge["ports"])
 
 
+def interpolate(text: str, environ: dict[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` (the only form the file uses; anything else fails)."""
+
+    def one(match: re.Match[str]) -> str:
+        return environ.get(match.group(1)) or match.group(2)
+
+    out = re.sub(r"\$\{([A-Z_][A-Z0-9_]*):-([^}]*)\}", one, text)
+    assert "$" not in out, out
+    return out
+
+
+def test_host_ports_come_from_variables_with_the_old_defaults(compose):
+    published = {
+        (name, int(p.rsplit(":", 1)[1])): p
+        for name, service in compose["services"].items()
+        for p in service.get("ports", [])
+    }
+    wanted = {
+        ("postfix", 587): ("BRIDGE_SMTP_PORT", 2525),
+        ("lmtp-bridge", 2424): ("BRIDGE_LMTP_PORT", 2424),
+        ("lmtp-bridge", 9464): ("BRIDGE_METRICS_PORT", 9464),
+        ("prometheus", 9090): ("BRIDGE_PROMETHEUS_PORT", 9090),
+    }
+    assert set(published) == set(wanted)
+    for key, (variable, default) in wanted.items():
+        port = published[key]
+        assert f"${{{variable}:-{default}}}" in port, port
+        assert interpolate(port, {}) == f"127.0.0.1:{default}:{key[1]}"
+        assert interpolate(port, {variable: "12345"}) == f"127.0.0.1:12345:{key[1]}"
+        assert not variable.startswith("LMTP_BRIDGE_")  # the bridge's own settings namespace
+    header = COMPOSE.read_text().split("\nname:", 1)[0]
+    for variable, default in wanted.values():
+        assert f"{variable} ({default})" in header  # documented at the top of the file
+
+
 def test_secrets_come_from_secrets(compose):
     bridge = compose["services"]["lmtp-bridge"]
     assert bridge["secrets"] == ["webhook_secret"]
@@ -115,6 +150,10 @@ def test_the_chain_is_wired(compose):
     prometheus = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
     targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
     assert targets == ["lmtp-bridge:9464"]
+    # the alert rules are loaded: the file prometheus.yml names is the one mounted there
+    mounts = dict(v.split(":")[1::-1] for v in services["prometheus"]["volumes"])
+    for rule_file in prometheus["rule_files"]:
+        assert mounts[rule_file] == "./deploy/lmtp-bridge-alerts.yml"
     assert services["prometheus"]["profiles"] == ["monitoring"]
 
 
