@@ -137,6 +137,7 @@ async def run(
             breakers=Breakers(settings.breaker_threshold, settings.breaker_cooldown),
             recipient_delimiter=settings.recipient_delimiter,
             trusted_authserv_ids=settings.trusted_authserv_ids,
+            max_verdicts_size=settings.max_verdicts_size,
         )
         verifier = Verifier(
             client,

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -142,12 +142,12 @@ class _Handler(BaseHTTPRequestHandler):
         headers = Headers(self.headers.items())
         body = self._read_body()
         rcpt = recipient_of(self.path, headers, body)
-        owner._record(
-            RecordedRequest(
-                self.command, self.path, headers, body, received_at, rcpt, self.client_address[1]
-            )
+        recorded = RecordedRequest(
+            self.command, self.path, headers, body, received_at, rcpt, self.client_address[1]
         )
-        step = owner._next_step(rcpt)
+        owner._record(recorded)
+        # A computed answer (per-message verdicts), else the one programmed for rcpt.
+        step = owner.responder(recorded) if owner.responder else owner._next_step(rcpt)
 
         if step.hang:
             owner._stopping.wait()
@@ -213,6 +213,8 @@ class WebhookServer:
         self._connections: set[socket.socket] = set()
         self.errors: list[BaseException | None] = []  # unexpected handler exceptions
         self._peer_certs: list[Any] = []
+        # When set, every answer is computed from the request instead of programmed per rcpt.
+        self.responder: Callable[[RecordedRequest], Step] | None = None
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.owner = self
         if tls is not None:

@@ -31,6 +31,9 @@ class Route:
     verify_url: str | None = None  # may hold the same placeholders as url
     verify_timeout: float = 5.0
     verify_on_error: str = "accept"  # "accept" or "defer": no usable answer from verify_url
+    # "recipient": one request per recipient; "message": one request for all of this route's
+    # recipients of a message, answered with per-recipient verdicts (SPEC section 8)
+    delivery: str = "recipient"
 
     def url_for(self, address: str, delimiter: str = "+") -> str:
         """The URL for one recipient: placeholders filled in, each value percent-encoded."""

@@ -29,6 +29,7 @@ def build_router(settings: Settings) -> Router:
             verify_url=settings.verify_url,
             verify_timeout=settings.verify_timeout,
             verify_on_error=settings.verify_on_error,
+            delivery=settings.delivery,
         )
     return Router(routes, default, delimiter=settings.recipient_delimiter)
 
@@ -53,6 +54,7 @@ def _resolve(settings: Settings, rc: RouteConfig) -> Route:
         verify_url=rc.verify_url or settings.verify_url,
         verify_timeout=settings.verify_timeout if rc.verify_timeout is None else rc.verify_timeout,
         verify_on_error=rc.verify_on_error or settings.verify_on_error,
+        delivery=rc.delivery or settings.delivery,
     )
 
 

@@ -217,6 +217,7 @@ StatusMap = Annotated[
 ]
 Url = Annotated[str, AfterValidator(_check_url)]
 Payload = Annotated[Literal["json", "raw", "multipart"], BeforeValidator(_lower)]
+Delivery = Annotated[Literal["recipient", "message"], BeforeValidator(_lower)]
 BoolOrPath = Annotated[bool | str, BeforeValidator(_check_bool_or_path)]
 VerifyOnError = Annotated[Literal["accept", "defer"], BeforeValidator(_lower)]
 
@@ -259,6 +260,9 @@ class RouteConfig(BaseModel):
     )
     verify_on_error: VerifyOnError | None = Field(
         default=None, description="accept or defer when verify_url gives no usable answer."
+    )
+    delivery: Delivery | None = Field(
+        default=None, description="recipient: one request per recipient; message: one per message."
     )
 
     @field_validator("name")
@@ -378,6 +382,17 @@ class Settings(BaseSettings):
     trace_headers: bool = Field(
         default=True,
         description="raw payload: prepend Return-Path, Delivered-To and Received trace headers.",
+    )
+    delivery: Delivery = Field(
+        default="recipient",
+        description="Default route: one request per recipient (recipient) or one per message "
+        "with per-recipient verdicts (message).",
+    )
+    max_verdicts_size: int = Field(
+        default=1 << 20,
+        ge=4096,
+        description="Bytes of a per-message webhook's 2xx answer read for verdicts; a longer "
+        "JSON answer defers every recipient (451 4.3.0).",
     )
     recipient_delimiter: Annotated[str, AfterValidator(_check_delimiter)] = Field(
         default="+",
@@ -517,6 +532,21 @@ class Settings(BaseSettings):
         if twice:
             raise ValueError(f"route names must be unique: {', '.join(twice)} given twice")
         return routes
+
+    @model_validator(mode="after")
+    def _one_url_per_message(self) -> Settings:
+        # A per-message request goes to one URL for several recipients: nothing to fill in.
+        where = [("webhook_url", self.webhook_url, self.delivery)] + [
+            (f"routes[{i}].url", r.url or self.webhook_url, r.delivery or self.delivery)
+            for i, r in enumerate(self.routes)
+        ]
+        for name, url, delivery in where:
+            if delivery == "message" and url is not None and "{" in url:
+                raise ValueError(
+                    f"{name}: recipient placeholders such as {{rcpt}} need delivery = "
+                    "recipient; a per-message request serves several recipients"
+                )
+        return self
 
     @model_validator(mode="after")
     def _client_key_needs_cert(self) -> Settings:

@@ -1,6 +1,8 @@
-"""One finished transaction -> one webhook call per distinct recipient, all at once -> replies.
+"""One finished transaction -> webhook calls, all at once -> replies.
 
-Replies go out in RCPT order, each as soon as it and every reply before it are known.
+One call per distinct recipient, or, for a route with ``delivery = "message"``, one call for all
+of that route's recipients, answered with per-recipient verdicts (SPEC section 8). Replies go out
+in RCPT order, each as soon as it and every reply before it are known.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -20,10 +22,11 @@ from bridge.lmtp.events import Reply
 from bridge.mail.parsed import ParsedMessage
 from bridge.ops import metrics
 from bridge.ops.logs import log_event
-from bridge.webhook.client import Outcome, WebhookClient, WebhookRequest
-from bridge.webhook.payload import build_body
+from bridge.webhook.client import Outcome, WebhookClient, WebhookRequest, with_delivery_id
+from bridge.webhook.payload import WebhookBody, build_body, build_message_body
 from bridge.webhook.render import rendered
 from bridge.webhook.signing import Signer, delivery_id
+from bridge.webhook.verdicts import MALFORMED, VerdictError, read_verdicts
 
 log = logging.getLogger("bridge.delivery.deliverer")
 
@@ -53,6 +56,7 @@ class Deliverer:
         breakers: Breakers | None = None,
         recipient_delimiter: str = "+",
         trusted_authserv_ids: Sequence[str] = (),
+        max_verdicts_size: int = 1 << 20,
     ):
         self._client = client
         self._hostname = hostname
@@ -61,6 +65,7 @@ class Deliverer:
         self.breakers = breakers or Breakers(threshold=0, cooldown=1.0)
         self._delimiter = recipient_delimiter
         self._trusted = tuple(trusted_authserv_ids)
+        self._max_verdicts = max_verdicts_size
 
     def admit(self, route: Route) -> Reply | None:
         """At RCPT: None to accept a recipient of ``route``, or the reply that defers it
@@ -87,22 +92,25 @@ class Deliverer:
         parsed = await self._parse_if_needed(txn)
         try:
             if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
-                reply = await self._deliver_one(txn, unique[0], parsed)
+                (reply,) = await self._deliver_request(txn, [unique[0]], parsed)
                 metrics.count_recipients(reply.code, unique[0].route.name, "data", len(order))
                 await emit([reply] * len(order))
                 return
             results: list[Reply | None] = [None] * len(unique)
             done = [trio.Event() for _ in unique]
 
-            async def one(i: int) -> None:
+            async def one(request: list[int]) -> None:
                 try:
-                    results[i] = await self._deliver_one(txn, unique[i], parsed)
+                    replies = await self._deliver_request(txn, [unique[i] for i in request], parsed)
+                    for i, reply in zip(request, replies, strict=True):
+                        results[i] = reply
                 finally:
-                    done[i].set()
+                    for i in request:
+                        done[i].set()
 
             async with trio.open_nursery() as nursery:
-                for i in range(len(unique)):
-                    nursery.start_soon(one, i)
+                for request in _requests(unique):
+                    nursery.start_soon(one, request)
                 sent = 0
                 while sent < len(order):
                     await done[order[sent]].wait()
@@ -128,6 +136,81 @@ class Deliverer:
             return await trio.to_thread.run_sync(_parse, message, self._trusted)
         return _parse(message, self._trusted)
 
+    async def _deliver_request(
+        self, txn: Transaction, recipients: list[Recipient], parsed: ParsedMessage | None
+    ) -> list[Reply]:
+        """The replies of one request: one recipient's, or a per-message route's recipients'."""
+        if recipients[0].route.delivery == "message":
+            return await self._deliver_message(txn, recipients, parsed)
+        return [await self._deliver_one(txn, recipients[0], parsed)]
+
+    async def _deliver_message(
+        self, txn: Transaction, recipients: list[Recipient], parsed: ParsedMessage | None
+    ) -> list[Reply]:
+        """One request for every recipient of one route; each gets its verdict (SPEC 8)."""
+        route = recipients[0].route
+        digest = txn.message.digest()
+        ids = [delivery_id(digest, r.address) for r in recipients]
+        # Derived from the message and its recipient list: an MTA retry carries only the
+        # recipients still due, so it is a new request, while each recipient keeps its id.
+        request_id = (
+            ids[0]
+            if len(ids) == 1
+            else delivery_id(digest, "\n".join(r.address for r in recipients))
+        )
+        started = time.monotonic()
+        outcome: Outcome | None = None
+        why = None
+        try:
+            body = build_message_body(
+                route.payload,
+                txn.envelope,
+                list(zip(recipients, ids, strict=True)),
+                txn.message,
+                parsed,
+                request_id,
+                self._hostname,
+                include_raw=route.include_raw,
+                trace_headers=route.trace_headers,
+                delimiter=self._delimiter,
+            )
+            request = await self._signed(txn, route, route.url, body, request_id)
+            # The reply text names each recipient's own id (below), not the request's.
+            request = replace(request, answer_limit=self._max_verdicts, delivery_id="")
+            outcome = await self._client.deliver(route, request)
+            self._record(route, outcome)
+            replies = [outcome.reply] * len(recipients)
+            if outcome.reply.is_success:
+                try:
+                    replies = read_verdicts(
+                        outcome.answer,
+                        outcome.answer_truncated,
+                        [r.address for r in recipients],
+                        outcome.reply,
+                        route.status_map,
+                    )
+                except VerdictError as exc:
+                    why = str(exc)
+                    replies = [MALFORMED] * len(recipients)
+        except Exception:
+            log.exception(
+                "delivery failed inside the bridge", extra={"fields": {"request_id": request_id}}
+            )
+            replies = [INTERNAL_ERROR] * len(recipients)
+        if why is not None:
+            log_event(
+                log,
+                logging.WARNING,
+                "malformed verdicts",
+                request_id=request_id,
+                route=route.name,
+                why=why,
+            )
+        replies = [with_delivery_id(r, rid) for r, rid in zip(replies, ids, strict=True)]
+        for recipient, rid, reply in zip(recipients, ids, replies, strict=True):
+            self._log_outcome(txn, recipient, rid, reply, outcome, started, request_id)
+        return replies
+
     async def _deliver_one(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None
     ) -> Reply:
@@ -139,21 +222,41 @@ class Deliverer:
             request = await self._request(txn, recipient, parsed, did)
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply
-            if outcome.error != "internal":  # our own bugs say nothing about the webhook
-                failed = outcome.reply.is_transient
-                self.breakers.get(route.name).record(
-                    success=not failed, failures=outcome.attempts if failed else 0
-                )
+            self._record(route, outcome)
         except Exception:
             log.exception(
                 "delivery failed inside the bridge", extra={"fields": {"delivery_id": did}}
             )
             reply = INTERNAL_ERROR
+        self._log_outcome(txn, recipient, did, reply, outcome, started)
+        return reply
+
+    def _record(self, route: Route, outcome: Outcome) -> None:
+        """Tell the route's breaker what one request's outcome says about the endpoint."""
+        if outcome.error != "internal":  # our own bugs say nothing about the webhook
+            failed = outcome.reply.is_transient
+            self.breakers.get(route.name).record(
+                success=not failed, failures=outcome.attempts if failed else 0
+            )
+
+    def _log_outcome(
+        self,
+        txn: Transaction,
+        recipient: Recipient,
+        did: str,
+        reply: Reply,
+        outcome: Outcome | None,
+        started: float,
+        request_id: str | None = None,
+    ) -> None:
+        """One line per recipient outcome (built only when it is written)."""
+        route = recipient.route
         level = logging.INFO if reply.is_success else logging.WARNING
-        if not log.isEnabledFor(level):  # one line per recipient: built only when written
-            return reply
+        if not log.isEnabledFor(level):
+            return
         fields: dict[str, Any] = {
             "delivery_id": did,
+            **({"request_id": request_id} if request_id else {}),
             "route": route.name,
             "http_status": outcome.http_status if outcome else None,
             "attempts": outcome.attempts if outcome else 0,
@@ -165,7 +268,6 @@ class Deliverer:
             fields["mail_from"] = txn.envelope.mail_from
             fields["rcpt_to"] = recipient.address
         log_event(log, level, f"recipient {metrics.result_of(reply.code)}", **fields)
-        return reply
 
     async def _request(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None, did: str
@@ -183,6 +285,14 @@ class Deliverer:
             trace_headers=route.trace_headers,
             delimiter=self._delimiter,
         )
+        return await self._signed(
+            txn, route, route.url_for(recipient.address, self._delimiter), body, did
+        )
+
+    async def _signed(
+        self, txn: Transaction, route: Route, url: str, body: WebhookBody, did: str
+    ) -> WebhookRequest:
+        """The request for ``body``: the id headers, the signature, the route's headers."""
         headers = [
             ("Content-Type", body.content_type),
             *body.headers,
@@ -198,7 +308,7 @@ class Deliverer:
             headers += signer.headers(did, body.chunks())
         headers += route.headers.items()
         return WebhookRequest(
-            url=route.url_for(recipient.address, self._delimiter),
+            url=url,
             headers=headers,
             chunks=body.chunks,
             length=body.length,
@@ -225,3 +335,18 @@ def _parse(message: MessageBuffer, trusted: tuple[str, ...]) -> ParsedMessage:
         log.debug("rendering the message failed", exc_info=True)
     return parsed
 
+
+def _requests(recipients: list[Recipient]) -> list[list[int]]:
+    """The requests for distinct recipients, as lists of their indices: one per recipient, and
+    one per per-message route (its recipients in RCPT order)."""
+    requests: list[list[int]] = []
+    by_route: dict[str, list[int]] = {}
+    for i, recipient in enumerate(recipients):
+        route = recipient.route
+        if route.delivery != "message":
+            requests.append([i])
+        elif route.name in by_route:
+            by_route[route.name].append(i)
+        else:
+            requests.append(by_route.setdefault(route.name, [i]))
+    return requests

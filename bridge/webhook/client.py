@@ -78,6 +78,7 @@ class WebhookRequest:
     length: int
     in_memory: bool = False  # True: making the chunks reads no file (no worker thread needed)
     delivery_id: str = ""  # named in the reply text, so the MTA's log line can be joined
+    answer_limit: int = MAX_RESPONSE_READ  # bytes of the answer's body kept (per-message verdicts)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class Outcome:
     attempts: int
     duration: float  # seconds, all attempts and backoff
     error: str | None  # transport failure kind: timeout, connect, reset, tls, protocol, internal
+    answer: bytes = b""  # the last answer's body, up to the request's answer_limit
+    answer_truncated: bool = False  # the body went on past answer_limit
 
 
 # --- the map ----------------------------------------------------------------------------------
@@ -163,6 +166,12 @@ def _fit(reply: Reply, delivery_id: str = "") -> Reply:
     suffix = f" ({delivery_id})" if delivery_id and delivery_id not in text else ""
     room = MAX_REPLY_LINE - len(f"{reply.code} {reply.status} \r\n") - len(suffix)
     return Reply(reply.code, reply.status, text[:room].rstrip() + suffix)
+
+
+def with_delivery_id(reply: Reply, delivery_id: str) -> Reply:
+    """``reply`` naming ``delivery_id`` at the end of its text (a per-message request's replies:
+    one request, each recipient its own id)."""
+    return _fit(reply, delivery_id)
 
 
 def map_response(
@@ -333,6 +342,8 @@ class _Attempt:
     reply: Reply
     http_status: int | None
     error: str | None
+    answer: bytes = b""
+    answer_truncated: bool = False
 
 
 @dataclass(frozen=True)
@@ -344,6 +355,8 @@ class Answer:
     body_start: str  # the first MAX_RESPONSE_READ bytes of the body, as ASCII
     retry_after: str | None
     cache_control: str | None = None
+    body: bytes = b""
+    truncated: bool = False
 
 
 class _NoCookies(httpx.Cookies):
@@ -435,6 +448,8 @@ class WebhookClient:
             attempts=attempts,
             duration=time.perf_counter() - started,
             error=result.error,
+            answer=result.answer,
+            answer_truncated=result.answer_truncated,
         )
 
     async def _attempt(self, route: Route, request: WebhookRequest, limit: float) -> _Attempt:
@@ -477,7 +492,7 @@ class WebhookClient:
                     route.status_map,
                     request.delivery_id,
                 )
-                return _Attempt(reply, answer.status, None)
+                return _Attempt(reply, answer.status, None, answer.body, answer.truncated)
             failure: Exception = httpx.TimeoutException("no answer within the route's timeout")
         except RedirectRefused as exc:
             log.warning("webhook redirect not followed: %s", exc, extra={"route": route.name})
@@ -554,20 +569,25 @@ class WebhookClient:
         try:
             # Reading a short body to its end lets the connection go back to the pool.
             body = b""
+            limit = max(request.answer_limit, MAX_RESPONSE_READ)
             raw = cast("AsyncGenerator[bytes, None]", response.aiter_raw())
             async with aclosing(raw) as pieces:
                 async for piece in pieces:
                     body += piece
-                    if len(body) >= MAX_RESPONSE_READ:
+                    if len(body) > limit:
                         break
         finally:
             await response.aclose()
         text = body[:MAX_RESPONSE_READ].decode("ascii", "ignore")
+        keep = request.answer_limit > MAX_RESPONSE_READ and 200 <= response.status_code < 300
         answer = Answer(
             status=response.status_code,
             reply_header=response.headers.get(REPLY_HEADER),
             body_start=text,
             retry_after=response.headers.get("Retry-After"),
             cache_control=response.headers.get("Cache-Control"),
+            # kept only where someone reads it: a per-message request's 2xx (its verdicts)
+            body=body[: request.answer_limit] if keep else b"",
+            truncated=keep and len(body) > request.answer_limit,
         )
         return answer, response.headers.get("Location")

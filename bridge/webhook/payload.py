@@ -26,7 +26,7 @@ import ipaddress
 import secrets
 import string
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -75,6 +75,46 @@ def build_body(
     if parsed is None:  # nobody would close a spooled text: parsed in memory, as always
         parsed = ParsedMessage.parse(message.getvalue())
     env = envelope_object(envelope, recipient, message, delimiter)
+    return _parsed_body(kind, env, message, parsed, delivery_id, include_raw)
+
+
+def build_message_body(
+    kind: str,
+    envelope: Envelope,
+    recipients: Sequence[tuple[Recipient, str]],
+    message: MessageBuffer,
+    parsed: ParsedMessage | None,
+    request_id: str,
+    hostname: str,
+    include_raw: bool = False,
+    *,
+    trace_headers: bool = True,
+    delimiter: str = "+",
+) -> WebhookBody:
+    """The request body for one message and every recipient of one route (SPEC section 8):
+    ``recipients`` are (recipient, its delivery id) in RCPT order."""
+    if kind == "raw":
+        trace = b""
+        if trace_headers:
+            only = recipients[0][0] if len(recipients) == 1 else None
+            trace = trace_header_bytes(envelope, only, request_id, hostname)
+        return _raw_message(envelope, [r.address for r, _ in recipients], message, trace)
+    if kind not in PAYLOAD_KINDS:
+        raise ValueError(f"unknown payload kind {kind!r}; expected one of {PAYLOAD_KINDS}")
+    if parsed is None:
+        parsed = ParsedMessage.parse(message.getvalue())
+    env = message_envelope_object(envelope, recipients, message, delimiter)
+    return _parsed_body(kind, env, message, parsed, request_id, include_raw)
+
+
+def _parsed_body(
+    kind: str,
+    env: dict[str, Any],
+    message: MessageBuffer,
+    parsed: ParsedMessage,
+    delivery_id: str,
+    include_raw: bool,
+) -> WebhookBody:
     if kind == "json":
         json_message = rendered(parsed)
         pieces: list[_Piece] = [
@@ -111,27 +151,71 @@ def envelope_object(
         "rcpt_domain": domain,
         "rcpt_user": user,
         "rcpt_tag": tag,
+        **_session_fields(envelope, message, recipient.orcpt),
+    }
+
+
+def _session_fields(
+    envelope: Envelope, message: MessageBuffer, orcpt: str | None = None
+) -> dict[str, Any]:
+    """The envelope's fields besides the addresses, ``orcpt`` in its place of recipient mode."""
+    fields: dict[str, Any] = {
         "lhlo": envelope.lhlo,
         "client_address": envelope.client_address,
         "body": envelope.body,
         "smtputf8": envelope.smtputf8,
         "size": message.size,
-        "orcpt": recipient.orcpt,
+        "orcpt": orcpt,
+    }
+    return fields | {
         "xforward": {k.lower(): v for k, v in envelope.xforward.items()},
         "received_at": _received_at(envelope).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 
+def message_envelope_object(
+    envelope: Envelope,
+    recipients: Sequence[tuple[Recipient, str]],
+    message: MessageBuffer,
+    delimiter: str = "+",
+) -> dict[str, Any]:
+    """The ``envelope`` object of a per-message request: ``recipients`` (each with the delivery
+    id it would have in recipient mode) instead of ``rcpt_to`` and its parts."""
+    listed = []
+    for recipient, rid in recipients:
+        local, domain = split_address(recipient.address)
+        user, tag = split_extension(local, delimiter)
+        listed.append(
+            {
+                "address": recipient.address,
+                "orcpt": recipient.orcpt,
+                "local": local,
+                "domain": domain,
+                "user": user,
+                "tag": tag,
+                "id": rid,
+            }
+        )
+    fields = {
+        "mail_from": envelope.mail_from,
+        "recipients": listed,
+        **_session_fields(envelope, message),
+    }
+    del fields["orcpt"]  # each recipient has its own
+    return fields
+
+
 def trace_header_bytes(
-    envelope: Envelope, recipient: Recipient, delivery_id: str, hostname: str
+    envelope: Envelope, recipient: Recipient | None, delivery_id: str, hostname: str
 ) -> bytes:
     """``Return-Path``, ``Delivered-To`` and ``Received`` (RFC 3848 "with LMTP", or "with
-    LMTPS" after STARTTLS), CRLF-ended."""
+    LMTPS" after STARTTLS), CRLF-ended. Without a ``recipient`` (a per-message request for
+    several), no ``Delivered-To``: it names one mailbox."""
     short_id = delivery_id.removeprefix("msg_")[:16]
     date = email.utils.format_datetime(_received_at(envelope))
     lines = [
         f"Return-Path: <{_one_line(envelope.mail_from)}>",
-        f"Delivered-To: {_one_line(recipient.address)}",
+        *([f"Delivered-To: {_one_line(recipient.address)}"] if recipient else []),
         f"Received: from {_one_line(envelope.lhlo)} ({_address_literal(envelope.client_address)})"
         f"\r\n\tby {_one_line(hostname)} with {'LMTPS' if envelope.tls else 'LMTP'} id {short_id};"
         f" {date}",
@@ -166,17 +250,20 @@ def _raw_body(
     trace_headers: bool,
 ) -> WebhookBody:
     trace = trace_header_bytes(envelope, recipient, delivery_id, hostname) if trace_headers else b""
+    return _raw_message(envelope, [recipient.address], message, trace)
 
+
+def _raw_message(
+    envelope: Envelope, addresses: Sequence[str], message: MessageBuffer, trace: bytes
+) -> WebhookBody:
     def chunks() -> Iterator[bytes]:
         if trace:
             yield trace
         # Streamed piece by piece: a spooled message is never read whole into memory.
         yield from message.iter_chunks()
 
-    headers = [
-        ("X-Lmtp-Mail-From", quote_header(envelope.mail_from)),
-        ("X-Lmtp-Rcpt-To", quote_header(recipient.address)),
-    ]
+    headers = [("X-Lmtp-Mail-From", quote_header(envelope.mail_from))]
+    headers += [("X-Lmtp-Rcpt-To", quote_header(address)) for address in addresses]
     return WebhookBody("message/rfc822", headers, chunks, len(trace) + message.size)
 
 
