@@ -16,8 +16,9 @@ from typing import Any
 
 import httpx
 import trio
+from prometheus_client import Counter
 
-from bridge.base.route import Route, join_address, split_address, template_values
+from bridge.base.route import Route, template_values
 from bridge.lmtp.events import Reply
 from bridge.ops.logs import log_event
 from bridge.ops.metrics import VERIFY_CACHE, VERIFY_REQUESTS, child
@@ -124,12 +125,16 @@ class Verifier:
         self._log_addresses = log_addresses
         self._flights: dict[CacheKey, _Flight] = {}
         self._signers: dict[tuple[str, ...], Signer] = {}
+        self._hits: dict[str, Counter] = {}  # route name -> its cache-hit counter
 
     def lookup(self, route: Route, rcpt: str) -> Reply | None:
         """The cached RCPT reply for ``rcpt`` of ``route``, or None: ``ask()`` then."""
-        reply = self.cache.get(_key(route, rcpt))
+        reply = self.cache.get(cache_key(route, rcpt))
         if reply is not None:
-            child(VERIFY_CACHE, route.name, "true").inc()
+            hits = self._hits.get(route.name)
+            if hits is None:
+                hits = self._hits[route.name] = VERIFY_CACHE.labels(route.name, "true")
+            hits.inc()
             if not reply.is_success:
                 self._log(logging.INFO, route, rcpt, reply, cached=True)
         return reply
@@ -138,7 +143,7 @@ class Verifier:
         """The RCPT reply after asking the route's verify_url (one request for every RCPT of
         the same recipient meanwhile). A 2xx reply accepts, anything else refuses."""
         child(VERIFY_CACHE, route.name, "false").inc()
-        key = _key(route, rcpt)
+        key = cache_key(route, rcpt)
         while (flight := self._flights.get(key)) is not None:
             await flight.done.wait()
             if flight.reply is not None:
@@ -274,9 +279,13 @@ class Verifier:
         log_event(log, level, f"recipient verification: {outcome}", **extra)
 
 
-def _key(route: Route, rcpt: str) -> CacheKey:
-    local, domain = split_address(rcpt)
-    return route.name, join_address(local, domain)
+def cache_key(route: Route, rcpt: str) -> CacheKey:
+    """(route name, the address with its domain in lower case): one entry per mailbox."""
+    local, at, domain = rcpt.rpartition("@")
+    if not at:
+        return route.name, rcpt
+    lowered = domain.lower()
+    return route.name, rcpt if lowered == domain else f"{local}@{lowered}"
 
 
 def _body(obj: dict[str, str]) -> bytes:
