@@ -184,7 +184,9 @@ class Server:
         return self._status("VmHWM:")
 
 
-def bridge_server(label: str, sink: Sink, payload: str, workers: int, transport: str) -> Server:
+def bridge_server(
+    label: str, sink: Sink, payload: str, workers: int, transport: str, verify: bool = False
+) -> Server:
     port = free_port()
     argv = [
         str(BRIDGE),
@@ -202,7 +204,10 @@ def bridge_server(label: str, sink: Sink, payload: str, workers: int, transport:
     ]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return Server(label, argv, port, {"LMTP_BRIDGE_HTTP_TRANSPORT": transport})
+    env = {"LMTP_BRIDGE_HTTP_TRANSPORT": transport}
+    if verify:  # recipient verification at RCPT, asked of the sink (200); warm after warm_up
+        env["LMTP_BRIDGE_VERIFY_URL"] = f"http://127.0.0.1:{sink.port}/verify"
+    return Server(label, argv, port, env)
 
 
 def peer_server(sink: Sink) -> Server:
@@ -379,7 +384,8 @@ def main() -> int:
         "--servers",
         default="json,raw,peer",
         help="comma-separated: json, raw (the bridge with that payload), json-httpx, raw-httpx "
-        "(httpx's default transport), json-wN/raw-wN (--workers N), peer",
+        "(httpx's default transport), json-wN/raw-wN (--workers N), json-verify/raw-verify "
+        "(verify_url at the sink: recipient verification with a warm cache), peer",
     )
     ap.add_argument("--out", default="/tmp/lmtp-bench-results.json")
     args = ap.parse_args()
@@ -401,7 +407,9 @@ def main() -> int:
                     payload, _, rest = label.partition("-")
                     transport = "httpx" if rest == "httpx" else "h11"
                     workers = int(rest[1:]) if rest.startswith("w") else 1
-                    server = bridge_server(label, sink, payload, workers, transport)
+                    server = bridge_server(
+                        label, sink, payload, workers, transport, verify=rest == "verify"
+                    )
                 server.start()
                 try:
                     warm_up(server)

@@ -236,7 +236,12 @@ class Verifier:
     ) -> Reply:
         """No usable answer: ``verify_on_error`` decides, and nothing is cached."""
         child(VERIFY_REQUESTS, route.name, "error").inc()
-        decided = UNVERIFIED if route.verify_on_error == "accept" else reply
+        if route.verify_on_error == "accept":
+            decided = UNVERIFIED
+        else:  # the MTA's log names what failed
+            decided = Reply(
+                reply.code, reply.status, f"recipient verification failed: {reply.text}"
+            )
         self._log(
             logging.WARNING,
             route,
