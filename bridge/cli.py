@@ -15,7 +15,7 @@ from email.utils import formatdate, make_msgid
 import trio
 
 from bridge import __version__
-from bridge.config import ConfigError, Settings, load_settings, redacted_dump
+from bridge.config import ConfigError, Settings, load_settings, redact_url, redacted_dump
 
 EXIT_CONFIG = 2
 DEMO_RECEIVER_PORT = 8025
@@ -177,8 +177,9 @@ async def _run_and_cancel(
     async with trio.open_nursery() as nursery:
         running: Running = await nursery.start(run, settings)
         where = running.lmtp_addresses[0]
+        webhook = redact_url(settings.webhook_url or receiver)
         print(
-            f"\nlmtp-bridge demo: LMTP on {where}, webhook {settings.webhook_url or receiver}\n"
+            f"\nlmtp-bridge demo: LMTP on {where}, webhook {webhook}\n"
             f"try:  .venv/bin/lmtp-bridge send --server {where} --to someone@example.org\n"
             f"      (status-503@example.org shows a deferral, status-404@... a bounce)\n",
             flush=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -420,9 +421,64 @@ headers = {{ X-Api-Key = "k3y" }}
         assert secret not in text
     assert dump["webhook_secret"] == [REDACTED]
     assert dump["routes"][0]["secret"] == [REDACTED]
-    assert dump["webhook_headers"] == {"Authorization": REDACTED, "X-Team": "ops"}
-    assert "team=ops" in dump["webhook_url"]
+    # every header value: a name says nothing about whether its value is a credential
+    assert dump["webhook_headers"] == {"Authorization": REDACTED, "X-Team": REDACTED}
+    assert dump["routes"][0]["headers"] == {"X-Api-Key": REDACTED}
+    assert dump["webhook_url"] == (
+        f"https://{REDACTED}@hooks.example.org/in?token={REDACTED}&team={REDACTED}"
+    )
     assert SECRET not in repr(s) and SECRET not in str(s)
+
+
+def test_check_config_prints_no_header_value_user_info_or_query_value(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bridge import cli
+
+    routes = [{"name": "r", "match": "@x.org", "url": "https://h.example/{domain}?to={rcpt}&k=v"}]
+    env = {
+        "LMTP_BRIDGE_WEBHOOK_URL": "https://T0KEN@hooks.example.org/in?sig=S1G&x",
+        "LMTP_BRIDGE_WEBHOOK_HEADERS": json.dumps({"X-Hook-Pass": "hunter2", "X-Team": "0ps"}),
+        "LMTP_BRIDGE_ROUTES": json.dumps(routes),
+    }
+    for name in list(os.environ):
+        if name.startswith("LMTP_BRIDGE_"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    for secret in ("T0KEN", "S1G", "hunter2", "0ps", "=v"):
+        assert secret not in out
+    dump = json.loads(out)
+    assert (
+        dump["webhook_url"] == f"https://{REDACTED}@hooks.example.org/in?sig={REDACTED}&{REDACTED}"
+    )
+    # a placeholder is no secret: the operator sees where the recipient goes
+    assert dump["routes"][0]["url"] == f"https://h.example/{{domain}}?to={{rcpt}}&k={REDACTED}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://user:PASSWORD@hooks.example.org/in",
+        "https://user:PASSWORD@hooks.example.org/{nope}",
+        "https://hooks.example.org:99999/in?key=PASSWORD",
+        "https://user:PASSWORD@[::1/in",
+    ],
+)
+def test_config_errors_never_echo_url_credentials(url: str, tmp_path: Path) -> None:
+    routes = json.dumps([{"name": "r", "match": "@x.org", "url": url}])
+    conf = tmp_path / "bad.yaml"
+    conf.write_text(f"webhook_url: {url}\nwebhook_headers: {{X-A: PASSWORD: x}}\n")
+    problems = [
+        *problems_of(environ={"LMTP_BRIDGE_WEBHOOK_URL": url}),
+        *problems_of(overrides={"webhook_url": URL}, environ={"LMTP_BRIDGE_ROUTES": routes}),
+        *problems_of(config_file=str(conf)),
+    ]
+    assert len(problems) >= 3
+    for problem in problems:
+        assert "PASSWORD" not in problem and "user:" not in problem, problem
 
 
 @pytest.mark.parametrize(

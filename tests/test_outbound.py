@@ -102,23 +102,60 @@ async def test_redirects_are_not_followed_by_default(
 
 @pytest.mark.parametrize("status", [307, 308])
 async def test_307_and_308_are_followed_when_configured_with_the_same_body(
-    redirecting_client: WebhookClient,
-    webhook_server: WebhookServer,
-    other_server: WebhookServer,
-    status: int,
+    redirecting_client: WebhookClient, webhook_server: WebhookServer, status: int
 ) -> None:
-    webhook_server.behave(RCPT, status=status, headers={"Location": other_server.url + "?x=1"})
+    webhook_server.behave(RCPT, [Step(status, headers={"Location": "/moved?x=1"}), Step(200)])
     body = b'{"big": "' + b"x" * 200_000 + b'"}'  # streamed, so re-sent from the factory
     outcome = await redirecting_client.deliver(
         route(webhook_server.url), request(webhook_server.url, body)
     )
     assert outcome.reply.code == 250 and outcome.http_status == 200
-    (moved,) = other_server.requests
-    assert moved.method == "POST" and moved.body == body and moved.path == "/hook?x=1"
+    assert [r.path for r in webhook_server.requests] == ["/hook", "/moved?x=1"]
+    moved = webhook_server.requests[1]
+    assert moved.method == "POST" and moved.body == body and moved.path == "/moved?x=1"
     assert moved.headers["webhook-id"] == "msg_test"
-    # another origin (port): credentials stay behind, as browsers and httpx do
-    assert "authorization" not in moved.headers
-    assert webhook_server.requests[0].headers["authorization"] == SECRET_HEADER
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "{other}/hook?sig=t0p",  # another port
+        "http://localhost:{port}/hook",  # another host name for the same server
+        "http://user:pw@127.0.0.2:{port}/hook",
+    ],
+)
+async def test_a_redirect_to_another_origin_is_refused_and_logged(
+    redirecting_client: WebhookClient,
+    webhook_server: WebhookServer,
+    other_server: WebhookServer,
+    caplog: pytest.LogCaptureFixture,
+    target: str,
+) -> None:
+    """The message, the route's headers (an X-Api-Token as much as Authorization) and the
+    signature never go to an origin the operator did not configure: 451, the MTA keeps it."""
+    location = target.format(other=other_server.base_url, port=webhook_server.port)
+    webhook_server.behave(RCPT, status=307, headers={"Location": location})
+    req = request(webhook_server.url)
+    req.headers.append(("X-Api-Token", "t0ken"))
+    with caplog.at_level(logging.WARNING, logger="bridge.webhook.client"):
+        outcome = await redirecting_client.deliver(route(webhook_server.url, retries=0), req)
+    assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: to another origin"
+    assert len(webhook_server.requests) == 1 and other_server.requests == []
+    (line,) = [r.getMessage() for r in caplog.records if "redirect" in r.getMessage()]
+    shown = location.split("?")[0].replace("user:pw@", "")
+    assert line == f"webhook redirect not followed: to another origin ({shown})"
+    assert "pw" not in line and "t0p" not in line
+
+
+def test_only_the_same_origin_or_an_https_upgrade_keeps_credentials() -> None:
+    same = webhook.same_origin_or_upgrade
+    assert same("https://h.example/a", "https://H.example:443/b?c")
+    assert same("http://h.example/a", "https://h.example/a")  # the upgrade httpx allows too
+    assert not same("http://h.example:8080/a", "https://h.example:8443/a")
+    assert not same("https://h.example/a", "https://h.example:8443/a")
+    assert not same("https://h.example/a", "https://evil.example/a")
+    assert not same("https://h.example/a", "https://h.example.evil.example/a")
+    assert not same("https://h.example/a", "https://h.example:99999/a")
 
 
 async def test_same_origin_redirect_keeps_credentials(

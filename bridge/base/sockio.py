@@ -23,6 +23,37 @@ def send_now(stream: trio.abc.Stream, data: bytes) -> int:
         return 0
 
 
+SEND_PIECE = 64 * 1024  # octets handed to a TLS stream at a time by send_some()
+
+
+async def send_some(stream: trio.abc.Stream, data: bytes | memoryview) -> int:
+    """Send a non-empty part of ``data`` (waiting until the peer can take some): how much.
+
+    A caller that bounds each call sees the peer's progress, not the time the whole takes;
+    on a plain socket a cancelled call has sent nothing. A connection error is
+    ``trio.BrokenResourceError``.
+    """
+    if type(stream) is not trio.SocketStream:
+        piece = data[:SEND_PIECE]
+        await stream.send_all(piece)
+        return len(piece)
+    sock = stream.socket
+    await trio.lowlevel.checkpoint_if_cancelled()
+    waited = False
+    while True:
+        try:
+            sent = os.write(sock.fileno(), data)  # trio's sockets are non-blocking
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            waited = True
+            continue
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"connection lost: {exc}") from exc
+        if not waited:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # sent: a cancel must not hide it
+        return sent
+
+
 async def receive_some(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     """``stream.receive_some(max_bytes)``, always a checkpoint; a connection error is
     ``trio.BrokenResourceError``, as from the stream."""

@@ -5,7 +5,7 @@ The top of the house below the face: may import every room (to validate what eac
 nothing but app, cli and workers imports it.
 """
 
-from bridge.config.report import REDACTED, ConfigError, redacted_dump
+from bridge.config.report import REDACTED, ConfigError, redact_url, redacted_dump
 from bridge.config.settings import MAX_RETRY_BUDGET, RouteConfig, Settings
 from bridge.config.sources import load_settings
 
@@ -16,5 +16,6 @@ __all__ = [
     "RouteConfig",
     "Settings",
     "load_settings",
+    "redact_url",
     "redacted_dump",
 ]

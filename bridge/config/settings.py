@@ -99,7 +99,11 @@ def _check_listen(addr: str) -> str:
 
 
 def _check_url(url: str) -> str:
-    parts = urlsplit(url.strip())
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError("not a valid URL (host or port)") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http:// or https:// URL with a host")
     check_url_template(url.strip())

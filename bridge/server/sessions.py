@@ -47,7 +47,9 @@ log = logging.getLogger("bridge.server.sessions")
 
 RECEIVE_SIZE = 64 * 1024
 EVICT_AFTER = 1.0  # seconds a session must have been idle before a new one may evict it
-CLOSE_GRACE = 2.0  # seconds a last reply may take to leave before the socket is dropped
+# seconds for a TLS close_notify, a 421 to a refused connection, the replies after a bug;
+# and for replies owed to sessions still open when the shutdown grace ends
+CLOSE_GRACE = 2.0
 
 IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many connections, try again later")
@@ -228,7 +230,7 @@ class Session:
     async def _main(self) -> None:
         try:
             await self._loop()
-            await self._drain_output(CLOSE_GRACE)
+            await self._drain_output()  # every owed reply, while the client reads them
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
             self._drop_message()
         except Exception:
@@ -306,6 +308,9 @@ class Session:
     async def _on_message_end(self, event: MessageEnd) -> None:
         message = self._message
         assert message is not None and self._mail is not None
+        # The transaction owns the message now: closed below once every delivery reading it
+        # has ended, never by the session's own teardown (a reset client, a stalled writer).
+        self._message = None
         self._queue_output()  # replies to the commands before the dot go out while we deliver
         try:
             if event.error is not None:
@@ -324,7 +329,7 @@ class Session:
                 self._count_data_outcomes(CUT_BY_SHUTDOWN, owed)
                 self.conn.fail_remaining(CUT_BY_SHUTDOWN)
         finally:
-            self._drop_message()
+            message.close()
             self.idle_since = trio.current_time()
 
     @staticmethod
@@ -446,24 +451,37 @@ class Session:
             self._outbox.clear()
             self._in_flight = len(data)
             try:
-                with trio.move_on_after(self.options.idle_timeout) as timeout:
-                    await self.stream.send_all(data)
-                failed = timeout.cancelled_caught
+                failed = not await self._send(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
                 failed = True
             self._in_flight = 0
             self._sent.set()
             self._sent = trio.Event()
             if failed:
-                # the peer is gone or reads nothing: nobody will see any further reply
+                # the peer is gone or reads nothing: nobody will see any further reply. The
+                # message (if any) is freed by its owner once its deliveries have ended.
                 self._broken = True
                 self._outbox.clear()
-                self._drop_message()
                 session_scope.cancel()
                 return
 
-    async def _drain_output(self, limit: float) -> None:
-        """Wait (up to ``limit`` seconds) until every queued reply has been sent."""
+    async def _send(self, data: bytes) -> bool:
+        """Send ``data`` while the client makes progress reading it; False once it has taken
+        nothing for idle_timeout (a slow reader is fine, a stalled one is dropped)."""
+        view = memoryview(data)
+        while view:
+            with trio.move_on_after(self.options.idle_timeout):
+                view = view[await sockio.send_some(self.stream, view) :]
+                self._in_flight = len(view)
+                self._sent.set()  # progress: a reader waiting for room may go on
+                self._sent = trio.Event()
+                continue
+            return False
+        return True
+
+    async def _drain_output(self, limit: float = math.inf) -> None:
+        """Wait until every queued reply has been sent (or the writer gave up on the client:
+        no progress for idle_timeout), or ``limit`` seconds have passed."""
         self._queue_output()
         with trio.move_on_after(limit):
             while self._backlog() and not self._broken:
@@ -471,7 +489,7 @@ class Session:
 
     async def _close(self, reply: Reply) -> None:
         self.conn.close(reply)
-        await self._drain_output(CLOSE_GRACE)
+        await self._drain_output()
 
     async def _close_after_bug(self) -> None:
         with trio.CancelScope(shield=True):

@@ -13,7 +13,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mappin
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
 import httpx
 import trio
@@ -46,8 +46,7 @@ BACKOFF_CAP = 2.0
 CLOSE_GRACE = 5.0  # seconds to close pooled connections at shutdown
 MIN_ATTEMPT = 1.0  # seconds: a retry is only started with at least this much budget left
 REDIRECT_STATUSES = (307, 308)  # the only ones that keep the method and body of a POST
-# Dropped when a redirect leaves the origin (as browsers and httpx do).
-_CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 # Transport failure kinds (Outcome.error) -> default reply.
 _TRANSPORT_REPLIES: dict[str, Reply] = {
@@ -259,7 +258,36 @@ def map_transport_error(
 
 
 class RedirectRefused(Exception):
-    """A redirect the bridge will not follow (to plain http, too many, no Location)."""
+    """A redirect the bridge will not follow (to another origin, to plain http, too many, no
+    Location); ``target`` is where it pointed, for the log line (never for the reply)."""
+
+    def __init__(self, reason: str, target: str | None = None) -> None:
+        super().__init__(reason)
+        self.target = target
+
+
+def _origin(url: SplitResult) -> tuple[str, str, int | None]:
+    scheme = url.scheme.lower()
+    return scheme, (url.hostname or "").lower(), url.port or _DEFAULT_PORTS.get(scheme)
+
+
+def same_origin_or_upgrade(old: str, new: str) -> bool:
+    """May a redirect from ``old`` to ``new`` carry the route's headers and signature? Only
+    within one origin (scheme, host, port), or from http to https on the same host with the
+    default ports (what httpx allows too): the message and its credentials stay with the host
+    the operator configured."""
+    try:
+        a, b = _origin(urlsplit(old)), _origin(urlsplit(new))
+    except ValueError:  # a port that is not a number
+        return False
+    return a == b or (a[1] == b[1] and (a[0], a[2], b[0], b[2]) == ("http", 80, "https", 443))
+
+
+def url_for_log(url: str) -> str:
+    """``url`` without its user info and query (either may hold a credential)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return sanitize_text(urlunsplit((parts.scheme, host, parts.path, "", "")), MAX_TEXT)
 
 
 def backoff_delay(retry: int) -> float:
@@ -495,7 +523,10 @@ class WebhookClient:
                 return _Attempt(reply, answer.status, None, answer.body, answer.truncated)
             failure: Exception = httpx.TimeoutException("no answer within the route's timeout")
         except RedirectRefused as exc:
-            log.warning("webhook redirect not followed: %s", exc, extra={"route": route.name})
+            target = f" ({exc.target})" if exc.target else ""
+            log.warning(
+                "webhook redirect not followed: %s%s", exc, target, extra={"route": route.name}
+            )
             reply = Reply(451, "4.3.0", f"webhook redirect not followed: {exc}")
             return _Attempt(_fit(reply, request.delivery_id), None, "protocol")
         except Exception as exc:
@@ -531,9 +562,11 @@ class WebhookClient:
             target = urljoin(url, location)
             old, new = urlsplit(url), urlsplit(target)
             if new.scheme not in ("http", "https") or (old.scheme, new.scheme) == ("https", "http"):
-                raise RedirectRefused(f"to a {new.scheme or 'relative'} URL")
-            if (old.scheme, old.hostname, old.port) != (new.scheme, new.hostname, new.port):
-                headers = [(k, v) for k, v in headers if k.lower() not in _CREDENTIAL_HEADERS]
+                raise RedirectRefused(f"to a {new.scheme or 'relative'} URL", url_for_log(target))
+            if not same_origin_or_upgrade(url, target):
+                # Never re-post the message, the route's headers or the signature elsewhere:
+                # 451 keeps the mail queued while the operator updates the URL.
+                raise RedirectRefused("to another origin", url_for_log(target))
             log.info(
                 "following webhook redirect",
                 extra={"route": route.name, "http_status": answer.status},

@@ -1,0 +1,172 @@
+"""Closing sessions over real sockets: every owed reply is written while the client reads (after
+QUIT, after a half-close), a client that reads nothing for idle_timeout is dropped, and a
+message's buffer outlives every delivery that reads it, whatever the client does meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import socket
+import struct
+
+import pytest
+import trio
+from bridge_process import (
+    StartBridge,
+    data_section,
+    message,
+    metric_value,
+    metrics_text,
+    split_hostport,
+    until,
+)
+from webhook_server import WebhookServer
+
+RSETS = 10_000
+RSET_REPLY = b"250 2.0.0 Reset OK\r\n"
+
+
+async def connect(address: str, rcvbuf: int | None = None) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:  # before connect(), so the window stays small
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    await sock.connect(split_hostport(address))
+    return sock
+
+
+async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
+    view = memoryview(data)
+    with contextlib.suppress(OSError):  # the bridge may close before it read everything
+        while view:
+            view = view[await sock.send(view) :]
+
+
+async def read_to_eof(
+    sock: trio.socket.SocketType, pause: float = 0.0, piece: int = 65536
+) -> bytes:
+    """Everything until the bridge closes; ``pause`` seconds between reads of ``piece`` bytes."""
+    received = bytearray()
+    while True:
+        try:
+            data = await sock.recv(piece)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        received += data
+        if pause:
+            await trio.sleep(pause)
+    return bytes(received)
+
+
+async def active_sessions(running: object) -> float:
+    return metric_value(await metrics_text(running), "lmtp_bridge_connections_active")  # type: ignore[arg-type]
+
+
+def pipelined_rsets(count: int) -> bytes:
+    return b"LHLO client.test\r\n" + b"RSET\r\n" * count
+
+
+def check_complete(received: bytes, count: int, quit_reply: bool) -> None:
+    assert received.startswith(b"220 ")
+    assert received.endswith(b"\r\n"), f"the stream ends mid-line: {received[-40:]!r}"
+    assert received.count(RSET_REPLY) == count
+    last = received.rstrip(b"\r\n").rpartition(b"\r\n")[2]
+    assert last.startswith(b"221 2.0.0 ") == quit_reply, last
+
+
+@pytest.mark.parametrize("end", ["quit", "half-close"])
+async def test_a_client_that_reads_late_gets_every_reply(
+    start_bridge: StartBridge, end: str
+) -> None:
+    """LHLO + 10,000 RSET + QUIT (or a half-close) in one write, then 2.5 s of not reading:
+    more than the old 2 s close grace, far less than idle_timeout."""
+    running = await start_bridge()
+    sock = await connect(running.lmtp_addresses[0], rcvbuf=16 * 1024)
+    with sock:
+        await send_all(sock, pipelined_rsets(RSETS) + (b"QUIT\r\n" if end == "quit" else b""))
+        if end == "half-close":
+            sock.shutdown(socket.SHUT_WR)
+        await trio.sleep(2.5)
+        with trio.fail_after(30):
+            received = await read_to_eof(sock)
+    check_complete(received, RSETS, quit_reply=end == "quit")
+
+
+async def test_a_slow_but_steady_reader_is_not_cut_by_idle_timeout(
+    start_bridge: StartBridge,
+) -> None:
+    """idle_timeout bounds a reader that makes no progress, not the time the replies take."""
+    running = await start_bridge(idle_timeout=2)
+    # ~1.5 MB of replies: far more than the socket buffers and the reply buffer hold, read
+    # in ~5 s, more than twice idle_timeout
+    count = 80_000
+    sock = await connect(running.lmtp_addresses[0], rcvbuf=16 * 1024)
+    with sock:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send_all, sock, pipelined_rsets(count) + b"QUIT\r\n")
+            with trio.fail_after(60):
+                received = await read_to_eof(sock, pause=0.05, piece=16 * 1024)
+    check_complete(received, count, quit_reply=True)
+
+
+async def test_a_client_that_reads_nothing_is_dropped_after_idle_timeout(
+    start_bridge: StartBridge,
+) -> None:
+    running = await start_bridge(idle_timeout=1)
+    before = await active_sessions(running)
+    sock = await connect(running.lmtp_addresses[0], rcvbuf=16 * 1024)
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * 1024)
+        async with trio.open_nursery() as nursery:
+            # the bridge stops reading once its reply buffer is full: never wait for this
+            nursery.start_soon(send_all, sock, pipelined_rsets(200_000) + b"QUIT\r\n")
+            with trio.fail_after(15):
+                await until(lambda: _gone(running, before))
+            nursery.cancel_scope.cancel()
+
+
+async def _gone(running: object, before: float) -> bool:
+    return await active_sessions(running) == before
+
+
+# ---- a message's buffer outlives its deliveries ----
+
+RECIPIENTS = 50
+ROUNDS = 40
+
+
+async def test_a_reset_after_the_dot_never_truncates_a_request_body(
+    start_bridge: StartBridge, webhook_server: WebhookServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """50 recipients pipelined to the final dot, then a TCP reset (SO_LINGER 0) 3-20 ms later:
+    no delivery may read a message the session has already freed (h11 would refuse the short
+    body: "Too little data for declared Content-Length")."""
+    running = await start_bridge(payload="raw")
+    address = running.lmtp_addresses[0]
+    rcpts = [f"r{i}@example.org" for i in range(RECIPIENTS)]
+    wire = (
+        b"LHLO client.test\r\nMAIL FROM:<alice@example.org>\r\n"
+        + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts)
+        + b"DATA\r\n"
+        + data_section(message(body="x" * 2000))
+    )
+    rng = random.Random(15)
+    with caplog.at_level(logging.ERROR):
+        for _ in range(ROUNDS):
+            sock = await connect(address)
+            await send_all(sock, wire)
+            await trio.sleep(rng.uniform(0.003, 0.020))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        before = 0.0
+
+        with trio.fail_after(20):
+            await until(lambda: _gone(running, before))
+    errors = [r.getMessage() + str(r.exc_info and r.exc_info[1]) for r in caplog.records]
+    assert errors == []
+    # every request that reached the webhook carried the whole message
+    for request in webhook_server.requests:
+        assert request.body.endswith(b"x" * 2000 + b"\r\n"), request.body[-80:]
