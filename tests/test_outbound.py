@@ -139,7 +139,10 @@ async def test_a_redirect_to_another_origin_is_refused_and_logged(
     req.headers.append(("X-Api-Token", "t0ken"))
     with caplog.at_level(logging.WARNING, logger="bridge.webhook.client"):
         outcome = await redirecting_client.deliver(route(webhook_server.url, retries=0), req)
-    assert str(outcome.reply) == "451 4.3.0 webhook redirect not followed: to another origin"
+    assert (
+        str(outcome.reply)
+        == "451 4.3.0 webhook redirect not followed: to another origin (msg_test)"
+    )
     assert len(webhook_server.requests) == 1 and other_server.requests == []
     (line,) = [r.getMessage() for r in caplog.records if "redirect" in r.getMessage()]
     shown = location.split("?")[0].replace("user:pw@", "")
