@@ -10,9 +10,13 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import WebhookVerificationError
 
+from bridge.base.route import Route
+from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.delivery.verify import cache_seconds
 from bridge.webhook.client import map_response
-from bridge.webhook.signing import Signer
+from bridge.webhook.payload import build_message_body
+from bridge.webhook.signing import Signer, delivery_id
+from bridge.webhook.verdicts import read_verdicts
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
 
@@ -66,5 +70,30 @@ def test_doc_names_every_envelope_and_message_field() -> None:
         "http_retry_budget", "breaker_threshold", "lmtp_bridge_circuit_breaker_state",
         "verify_url", "verify_on_error", "verify_cache_ttl", "verify_negative_ttl",
         "recipient.verify", "lmtp_bridge_verify_requests_total",
+        'delivery = "message"', "envelope.recipients", "max_verdicts_size",
     ):  # fmt: skip
         assert name in text, name
+
+
+def test_python_example_answers_a_per_message_delivery_with_verdicts() -> None:
+    example = python_example()
+    envelope = Envelope("alice@example.org", "mx.example.org", "192.0.2.1", None, False, None)
+    route = Route(name="default", url="http://127.0.0.1/hook", delivery="message")
+    buffer = MessageBuffer(1 << 20)
+    buffer.write(b"Subject: hi\r\n\r\nHello.\r\n")
+    rcpts = [Recipient(a, route) for a in ("bob@example.org", "ghost@example.org")]
+    ids = [delivery_id(buffer.digest(), r.address) for r in rcpts]
+    body = b"".join(
+        build_message_body(
+            "json", envelope, list(zip(rcpts, ids, strict=True)), buffer, None, "msg_req", "h"
+        ).chunks()
+    )
+    headers = dict(Signer([example["SECRET"]]).headers("msg_req", [body]))
+
+    status, answer_headers, text = example["answer_message"](body, headers)
+
+    assert (status, answer_headers) == (200, {"Content-Type": "application/json"})
+    ok = map_response(200, "", None, {})
+    replies = read_verdicts(text.encode(), False, [r.address for r in rcpts], ok, {})
+    assert [str(r)[:9] for r in replies] == ["250 2.0.0", "550 5.1.1"]
+    assert example["answer_message"](body, {**headers, "webhook-id": "forged"})[0] == 401
