@@ -37,6 +37,7 @@ class Delivery:
     payload: str
     delivery_id: str = "-"
     rcpt_to: str = ""
+    recipients: list[str] = field(default_factory=list)  # a per-message request's, in order
     mail_from: str = ""
     subject: str = ""
     size: int = 0
@@ -58,6 +59,12 @@ def demo_handler(out: TextIO = sys.stdout, secrets: Sequence[str] = ()) -> Handl
             return text_response(405, "demo: POST deliveries here", [("allow", "POST")])
         delivery = parse_delivery(request)
         requested = _requested_status(delivery.rcpt_to)
+        if delivery.recipients and not delivery.problem:  # per-message: a verdict each
+            verdicts = {r: s for r in delivery.recipients if (s := _requested_status(r))}
+            signature = _signature_line(request, keys) if keys else None
+            _print_block(out, delivery, signature, 200, verdicts)
+            body = json.dumps({"recipients": verdicts}).encode()
+            return HttpResponse(200, [("content-type", "application/json")], body)
         if requested is not None:
             status, answer = requested, f"demo: answering {requested}"
         elif delivery.problem:
@@ -94,8 +101,12 @@ def parse_delivery(request: HttpRequest) -> Delivery:
         delivery = Delivery("unknown", delivery_id, size=len(request.body))
         delivery.problem = f"unsupported content type {content_type or '(none)'}"
     # The header is present on every payload type; the JSON envelope wins when both exist.
-    if not delivery.rcpt_to:
-        delivery.rcpt_to = unquote(request.header("x-lmtp-rcpt-to") or "")
+    if not delivery.rcpt_to and not delivery.recipients:
+        named = [unquote(v) for k, v in request.headers if k == "x-lmtp-rcpt-to"]
+        if len(named) > 1:  # a per-message raw request names each recipient
+            delivery.recipients = named
+        else:
+            delivery.rcpt_to = named[0] if named else ""
     if not delivery.mail_from:
         delivery.mail_from = unquote(request.header("x-lmtp-mail-from") or "")
     return delivery
@@ -114,6 +125,9 @@ def _read_envelope(delivery: Delivery, envelope: Any) -> None:
         delivery.problem = "no envelope object"
         return
     delivery.rcpt_to = str(envelope.get("rcpt_to") or "")
+    listed = envelope.get("recipients")
+    if isinstance(listed, list):
+        delivery.recipients = [str(r.get("address")) for r in listed if isinstance(r, dict)]
     delivery.mail_from = str(envelope.get("mail_from") or "")
     if isinstance(envelope.get("size"), int):
         delivery.size = envelope["size"]
@@ -230,10 +244,17 @@ def _signature_line(request: HttpRequest, keys: Sequence[bytes]) -> str:
     return "verified" if problem is None else f"NOT verified ({problem})"
 
 
-def _print_block(out: TextIO, delivery: Delivery, signature: str | None, status: int) -> None:
+def _print_block(
+    out: TextIO,
+    delivery: Delivery,
+    signature: str | None,
+    status: int,
+    verdicts: dict[str, int] | None = None,
+) -> None:
+    to = delivery.rcpt_to or ", ".join(delivery.recipients) or "(unknown)"
     lines = [
         f"--- delivery {delivery.delivery_id} ---",
-        f"  to:          {delivery.rcpt_to or '(unknown)'}",
+        f"  to:          {to}",
         f"  from:        {delivery.mail_from or '<>'}",
         f"  subject:     {delivery.subject or '(none)'}",
         f"  size:        {delivery.size} bytes",
@@ -254,6 +275,8 @@ def _print_block(out: TextIO, delivery: Delivery, signature: str | None, status:
         if len(text_lines) > TEXT_LINES:
             lines.append(f"    | ... ({len(text_lines) - TEXT_LINES} more lines)")
     lines.append(f"  answer:      {status}")
+    if verdicts:
+        lines.append("  verdicts:    " + ", ".join(f"{r} {s}" for r, s in verdicts.items()))
     block = "\n".join(lines) + "\n\n"
     try:
         out.write(block)

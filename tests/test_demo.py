@@ -219,3 +219,20 @@ async def test_demo_behind_the_http_server(nursery: trio.Nursery) -> None:
     printed = out.getvalue()
     assert "dlv-e2e" in printed
     assert "signature:   verified" in printed
+
+
+async def test_a_per_message_delivery_gets_a_verdict_for_each_status_recipient() -> None:
+    out = io.StringIO()
+    handler = demo_handler(out)
+    rcpts = ["bob@example.org", "status-404@example.org", "status-503@example.org"]
+    envelope = {"mail_from": "a@example.org", "recipients": [{"address": r} for r in rcpts]}
+    body = json.dumps({"envelope": envelope, "message": {"subject": "hi"}}).encode()
+    response = await handler(request(body, "application/json"))
+    assert response.status == 200
+    verdicts = {"status-404@example.org": 404, "status-503@example.org": 503}
+    assert json.loads(response.body) == {"recipients": verdicts}
+    assert "bob@example.org, status-404@example.org" in out.getvalue()
+
+    headers = [("content-type", "message/rfc822"), *(("x-lmtp-rcpt-to", r) for r in rcpts)]
+    raw = await handler(HttpRequest("POST", "/", headers, RAW_MESSAGE))
+    assert json.loads(raw.body) == {"recipients": verdicts}
