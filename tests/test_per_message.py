@@ -364,3 +364,67 @@ async def test_swaks_and_smtp_source_with_many_recipients(
     after = await counted(running, "lmtp_bridge_recipients_total", **delivered)
     assert after - before == 2 + 500
     assert all(len(r.json()["envelope"]["recipients"]) == 25 for r in webhook_server.requests[1:])
+
+
+@pytest.mark.peer
+def test_postfix_splits_by_its_recipient_limit_and_logs_each_verdict(
+    webhook_server: WebhookServer,
+) -> None:
+    """A real Postfix queue: with lmtp_destination_recipient_limit = 2 it sends five recipients
+    as three LMTP transactions (three requests); each recipient ends as its verdict says, and the
+    one deferred is retried alone, keeping its id."""
+    from postfix_harness import final_status, make_message
+    from test_postfix import bridge_and_postfix, done_with
+
+    asked: list[str] = []
+
+    def busy_once(request: RecordedRequest) -> Step | None:
+        addresses = [r["address"] for r in envelope_of(request)["recipients"]]
+        asked.extend(addresses)
+        if "full@example.org" in addresses and asked.count("full@example.org") == 1:
+            body = {"recipients": {"full@example.org": "452 4.2.2 mailbox full"}}
+            return Step(200, json.dumps(body), {"Content-Type": "application/json"})
+        return None
+
+    webhook_server.responder = verdict_responder(busy_once)
+    rcpts = [f"{name}@example.org" for name in ("a", "status-404", "full", "b", "c")]
+    env = {"LMTP_BRIDGE_DELIVERY": "message"}
+    main_cf = {"lmtp_destination_recipient_limit": "2"}
+    with bridge_and_postfix(webhook_server, env, main_cf) as (_bridge, postfix):
+        postfix.sendmail(make_message("per-message@test"), "sender@example.org", rcpts)
+        expected = {
+            "a@example.org": ["sent"],
+            "status-404@example.org": ["bounced"],
+            "full@example.org": ["deferred", "sent"],
+            "b@example.org": ["sent"],
+            "c@example.org": ["sent"],
+        }
+        postfix.wait_outcomes(done_with(expected), 60, "every recipient's outcome")
+        outcomes = postfix.outcomes()
+
+    assert {r: s for r, s in final_status(outcomes).items() if r in expected} == expected
+    by_rcpt = {(o.rcpt, o.status): o for o in outcomes}
+    assert by_rcpt["full@example.org", "deferred"].dsn == "4.2.2"
+    assert by_rcpt["status-404@example.org", "bounced"].dsn == "5.1.1"
+    sent_text = by_rcpt["a@example.org", "sent"].text
+    requests = [
+        r for r in webhook_server.requests if r.headers["content-type"] == "application/json"
+    ]
+    lists = [[x["address"] for x in envelope_of(r)["recipients"]] for r in requests]
+    deliveries = [x for x in lists if "sender@example.org" not in x]  # not the bounce notice
+    assert sorted(len(x) for x in deliveries[:3]) == [1, 2, 2]
+    assert deliveries[3] == ["full@example.org"]  # the retry: only the recipient still due
+    full_ids = {
+        x["id"]
+        for r in requests
+        for x in envelope_of(r)["recipients"]
+        if x["address"] == "full@example.org"
+    }
+    assert len(full_ids) == 1  # the retried recipient keeps its id, though the request's changed
+    a_id = next(
+        x["id"]
+        for r in requests
+        for x in envelope_of(r)["recipients"]
+        if x["address"] == "a@example.org"
+    )
+    assert a_id in sent_text  # Postfix's log line names the recipient's own id
