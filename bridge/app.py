@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from bridge import __version__
+from bridge.base import memory
 from bridge.base.listen import ListenAddress, parse_listen
 from bridge.config import Settings
 from bridge.config.routes import build_router
@@ -138,6 +139,7 @@ async def run(
             recipient_delimiter=settings.recipient_delimiter,
             trusted_authserv_ids=settings.trusted_authserv_ids,
             max_verdicts_size=settings.max_verdicts_size,
+            parse_threads=settings.parse_threads,
         )
         verifier = Verifier(
             client,
@@ -162,6 +164,7 @@ async def run(
                     )
                 if handle_signals:
                     nursery.start_soon(_stop_on_signal, running)
+                nursery.start_soon(memory.trim_forever)
                 await nursery.start(_serve_then_stop, server, listeners, nursery.cancel_scope)
                 readiness.set_ready(True)
                 log_event(

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, TYPE_CHECKING
 
+from bridge.base import memory
+
 if TYPE_CHECKING:
     from bridge.base.route import Route
 
 READ_CHUNK = 256 * 1024
+# A message at least this big tells bridge.base.memory when its bytes (and whatever its parse
+# allocated) are freed: glibc keeps freed heap memory unless told to give it back.
+RELEASE_AT = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,7 @@ class MessageBuffer:
                 self._file = tempfile.TemporaryFile(prefix="lmtp-bridge-", dir=self._spool_dir)  # noqa: SIM115
                 self._file.writelines(self._chunks)
                 self._chunks = []
+                memory.released(self.size)
         else:
             self._file.write(data)
 
@@ -140,6 +146,8 @@ class MessageBuffer:
         return tail.isascii() and b"\x1b" not in tail
 
     def close(self) -> None:
+        if self.size >= RELEASE_AT and (self._chunks or self._file is not None):
+            memory.released(self.size)  # its bytes, or what its parse held
         self._chunks = []
         if self._file is not None:
             self._file.close()

@@ -345,6 +345,12 @@ class Settings(BaseSettings):
     spool_dir: Annotated[
         str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_dir)
     ] = Field(default=None, description="Directory for spooled messages (default: system temp).")
+    parse_threads: int = Field(
+        default=2,
+        gt=0,
+        description="Worker threads that parse messages and render their bodies off the event"
+        " loop, at most this many at once (a small plain message is parsed on the loop).",
+    )
     max_command_errors: int = Field(
         default=10, gt=0, description="Bad commands in a session before 421 and close."
     )

@@ -18,6 +18,7 @@ import trio
 from bridge.base.route import Route
 from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.delivery.breaker import Breakers
+from bridge.delivery.content import ContentWork, is_light
 from bridge.lmtp.events import Reply
 from bridge.mail.parsed import ParsedMessage
 from bridge.ops import metrics
@@ -31,7 +32,6 @@ from bridge.webhook.verdicts import MALFORMED, VerdictError, read_verdicts
 log = logging.getLogger("bridge.delivery.deliverer")
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again later")
-PARSE_IN_THREAD_ABOVE = 1 << 20  # bytes; bigger MIME parses leave the event loop free
 
 
 @dataclass(slots=True)
@@ -39,6 +39,8 @@ class Transaction:
     envelope: Envelope
     recipients: list[Recipient]
     message: MessageBuffer
+    # parsed and rendered on the event loop (content.is_light), else in a worker thread
+    light: bool = False
 
 
 ReplySink = Callable[[Sequence[Reply]], Awaitable[None]]
@@ -57,6 +59,7 @@ class Deliverer:
         recipient_delimiter: str = "+",
         trusted_authserv_ids: Sequence[str] = (),
         max_verdicts_size: int = 1 << 20,
+        parse_threads: int = 2,
     ):
         self._client = client
         self._hostname = hostname
@@ -66,6 +69,7 @@ class Deliverer:
         self._delimiter = recipient_delimiter
         self._trusted = tuple(trusted_authserv_ids)
         self._max_verdicts = max_verdicts_size
+        self.content = ContentWork(parse_threads)
 
     def admit(self, route: Route) -> Reply | None:
         """At RCPT: None to accept a recipient of ``route``, or the reply that defers it
@@ -89,6 +93,7 @@ class Deliverer:
                 slots[recipient.address] = len(unique)
                 unique.append(recipient)
             order.append(slots[recipient.address])
+        txn.light = is_light(txn.message)
         parsed = await self._parse_if_needed(txn)
         try:
             if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
@@ -131,10 +136,7 @@ class Deliverer:
             return None
         # Read from the buffer: a spooled message's text is decoded and escaped into a
         # temporary file, never held whole (ParsedMessage.from_buffer, then its rendering).
-        message = txn.message
-        if message.size > PARSE_IN_THREAD_ABOVE:
-            return await trio.to_thread.run_sync(_parse, message, self._trusted)
-        return _parse(message, self._trusted)
+        return await self.content.run(txn.light, _parse, txn.message, self._trusted)
 
     async def _deliver_request(
         self, txn: Transaction, recipients: list[Recipient], parsed: ParsedMessage | None
@@ -162,19 +164,9 @@ class Deliverer:
         outcome: Outcome | None = None
         why = None
         try:
-            body = build_message_body(
-                route.payload,
-                txn.envelope,
-                list(zip(recipients, ids, strict=True)),
-                txn.message,
-                parsed,
-                request_id,
-                self._hostname,
-                include_raw=route.include_raw,
-                trace_headers=route.trace_headers,
-                delimiter=self._delimiter,
+            request = await self.content.run(
+                txn.light, self._message_request, txn, recipients, ids, parsed, request_id
             )
-            request = await self._signed(txn, route, route.url, body, request_id)
             # The reply text names each recipient's own id (below), not the request's.
             request = replace(request, answer_limit=self._max_verdicts, delivery_id="")
             outcome = await self._client.deliver(route, request)
@@ -219,7 +211,9 @@ class Deliverer:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            request = await self._request(txn, recipient, parsed, did)
+            request = await self.content.run(
+                txn.light, self._request, txn, recipient, parsed, did
+            )
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply
             self._record(route, outcome)
@@ -269,9 +263,11 @@ class Deliverer:
             fields["rcpt_to"] = recipient.address
         log_event(log, level, f"recipient {metrics.result_of(reply.code)}", **fields)
 
-    async def _request(
+    def _request(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None, did: str
     ) -> WebhookRequest:
+        """One recipient's request, body and signature made: in a worker thread unless the
+        message is light (a big body is read, and hashed, from its spool file)."""
         route = recipient.route
         body = build_body(
             route.payload,
@@ -285,11 +281,35 @@ class Deliverer:
             trace_headers=route.trace_headers,
             delimiter=self._delimiter,
         )
-        return await self._signed(
+        return self._signed(
             txn, route, route.url_for(recipient.address, self._delimiter), body, did
         )
 
-    async def _signed(
+    def _message_request(
+        self,
+        txn: Transaction,
+        recipients: list[Recipient],
+        ids: list[str],
+        parsed: ParsedMessage | None,
+        request_id: str,
+    ) -> WebhookRequest:
+        """The one request of a per-message route (as ``_request``, for all its recipients)."""
+        route = recipients[0].route
+        body = build_message_body(
+            route.payload,
+            txn.envelope,
+            list(zip(recipients, ids, strict=True)),
+            txn.message,
+            parsed,
+            request_id,
+            self._hostname,
+            include_raw=route.include_raw,
+            trace_headers=route.trace_headers,
+            delimiter=self._delimiter,
+        )
+        return self._signed(txn, route, route.url, body, request_id)
+
+    def _signed(
         self, txn: Transaction, route: Route, url: str, body: WebhookBody, did: str
     ) -> WebhookRequest:
         """The request for ``body``: the id headers, the signature, the route's headers."""
@@ -302,8 +322,6 @@ class Deliverer:
         signer = self._signer(route)
         if signer is None:
             headers.append(("webhook-id", did))
-        elif txn.message.spooled:  # reading and hashing a big body: off the event loop
-            headers += await trio.to_thread.run_sync(signer.headers, did, body.chunks())
         else:
             headers += signer.headers(did, body.chunks())
         headers += route.headers.items()
