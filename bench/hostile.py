@@ -3,7 +3,7 @@
 it, the bridge's peak RSS growth, the worst /healthz latency while it ran and the time of a
 small delivery in another session; then 100 sessions holding 1 MiB of unfinished DATA.
 
-Usage: bench/hostile.py [--cases NAME,...] [--as-limit MiB] [--no-held]
+Usage: bench/hostile.py [--cases NAME,...|held] [--as-limit MiB] [--no-held]
 (--as-limit caps the bridge's address space, so a case that would take all the machine's
 memory fails there instead; tests/test_hostile.py asserts the goals on the same figures.)
 """
@@ -75,7 +75,7 @@ def main() -> int:
                 except Exception as exc:
                     verdict = f"CHECK FAILED: {type(exc).__name__}: {str(exc)[:100]}"
                 print(f"{result.row()}  idle {idle:.0f} MiB  {verdict}", flush=True)
-        if not args.no_held and not args.cases:
+        if not args.no_held and (not args.cases or "held" in args.cases.split(",")):
             with BridgeProcess(server.url) as bridge:
                 bridge.wait_ready()
                 warm = Session(bridge.address)

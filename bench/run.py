@@ -121,12 +121,16 @@ class Server:
     argv: list[str]
     port: int
     env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None  # python -m bridge imports the bridge found here first
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(f"/tmp/lmtp-bench-{self.label}.log", "wb")  # noqa: SIM115
+        name = self.label.replace("/", "_")
+        log = open(f"/tmp/lmtp-bench-{name}.log", "wb")  # noqa: SIM115
         env = {**os.environ, **self.env}
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=self.cwd
+        )
         wait_port(self.port)
 
     def stop(self) -> None:
@@ -185,11 +189,19 @@ class Server:
 
 
 def bridge_server(
-    label: str, sink: Sink, payload: str, workers: int, transport: str, verify: bool = False
+    label: str,
+    sink: Sink,
+    payload: str,
+    workers: int,
+    transport: str,
+    verify: bool = False,
+    tree: str = "",
 ) -> Server:
     port = free_port()
+    # label@TREE: the bridge of another checkout (before/after in the same run)
+    command = [str(REPO / ".venv" / "bin" / "python"), "-m", "bridge"] if tree else [str(BRIDGE)]
     argv = [
-        str(BRIDGE),
+        *command,
         "serve",
         "--listen",
         f"127.0.0.1:{port}",
@@ -207,7 +219,7 @@ def bridge_server(
     env = {"LMTP_BRIDGE_HTTP_TRANSPORT": transport}
     if verify:  # recipient verification at RCPT, asked of the sink (200); warm after warm_up
         env["LMTP_BRIDGE_VERIFY_URL"] = f"http://127.0.0.1:{sink.port}/verify"
-    return Server(label, argv, port, env)
+    return Server(label, argv, port, env, tree or None)
 
 
 def peer_server(sink: Sink) -> Server:
@@ -385,7 +397,8 @@ def main() -> int:
         default="json,raw,peer",
         help="comma-separated: json, raw (the bridge with that payload), json-httpx, raw-httpx "
         "(httpx's default transport), json-wN/raw-wN (--workers N), json-verify/raw-verify "
-        "(verify_url at the sink: recipient verification with a warm cache), peer",
+        "(verify_url at the sink: recipient verification with a warm cache), peer; any bridge"
+        " label@DIR: the bridge of the checkout in DIR (json@/tmp/main: before/after in one run)",
     )
     ap.add_argument("--out", default="/tmp/lmtp-bench-results.json")
     args = ap.parse_args()
@@ -404,11 +417,12 @@ def main() -> int:
                 if label == "peer":
                     server = peer_server(sink)
                 else:
-                    payload, _, rest = label.partition("-")
+                    name, _, tree = label.partition("@")
+                    payload, _, rest = name.partition("-")
                     transport = "httpx" if rest == "httpx" else "h11"
                     workers = int(rest[1:]) if rest.startswith("w") else 1
                     server = bridge_server(
-                        label, sink, payload, workers, transport, verify=rest == "verify"
+                        label, sink, payload, workers, transport, rest == "verify", tree
                     )
                 server.start()
                 try:

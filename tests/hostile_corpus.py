@@ -495,12 +495,11 @@ def hold_unfinished_data(
     chunk = line * (each // len(line))
     open_sessions = []
     with HealthWatch(f"{bridge.metrics_url}/healthz") as health:
-        for i in range(sessions):
+        for i in range(sessions):  # each session's objects come after the DATA of the last
             s = Session(bridge.address)
             s.open_data(f"held{i}@example.org")
-            open_sessions.append(s)
-        for s in open_sessions:
             s.sock.sendall(chunk)
+            open_sessions.append(s)
         deadline = time.monotonic() + settle
         while _unread_bytes(port) and time.monotonic() < deadline:
             time.sleep(0.05)
