@@ -13,7 +13,7 @@ from bridge_process import message, until
 from payload_samples import smtp_source
 
 from bridge.base.transaction import MessageBuffer
-from bridge.delivery.content import INLINE_MAX, ContentWork, is_light
+from bridge.delivery.content import LIGHT_MAX, ContentWork, is_light
 
 
 def buffer(data: bytes, spool_threshold: int = 1 << 20) -> MessageBuffer:
@@ -27,6 +27,7 @@ def buffer(data: bytes, spool_threshold: int = 1 << 20) -> MessageBuffer:
     "data",
     [
         smtp_source(4096),  # the benchmark's (a), (b) and (e)
+        smtp_source(256 * 1024),  # (c)
         message(body="Hello.\r\n" * 1000),
         message(subject="Grüße", body="Grüße", Content_Type="text/plain; charset=utf-8"),
         message(Content_Type='text/plain; charset="ISO-8859-1"', Content_Transfer_Encoding="qp"),
@@ -55,7 +56,8 @@ def test_a_small_plain_message_is_light(data: bytes) -> None:
         message(subject="(" * 9),
         message(**{f"X_H{i}": "x" for i in range(60)}),  # many header lines
         message(X_Long="x" * 5000),  # a big header block
-        message(body="x" * INLINE_MAX),  # too big
+        message(body="x" * LIGHT_MAX),  # too big
+        message(Content_Transfer_Encoding="base64", body="eHh4\r\n" * 20000),  # to decode
     ],
 )
 def test_a_shape_that_can_parse_slowly_is_not_light(data: bytes) -> None:
