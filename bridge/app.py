@@ -17,7 +17,7 @@ import trio
 
 from bridge import __version__
 from bridge.base import memory
-from bridge.base.listen import ListenAddress, parse_listen
+from bridge.base.listen import ListenAddress, naming_listen_errors, parse_listen
 from bridge.config import Settings
 from bridge.config.routes import build_router
 from bridge.delivery.breaker import Breakers, init_policy_metrics
@@ -81,17 +81,23 @@ def webhook_transport(settings: Settings) -> httpx.AsyncBaseTransport | None:
 async def open_listeners(settings: Settings) -> tuple[list[trio.SocketListener], list[str]]:
     listeners: list[trio.SocketListener] = []
     names: list[str] = []
-    for address in settings.listen_addresses:
-        if address.kind == "unix":
-            assert address.path is not None
-            listeners.append(
-                await open_unix_listener(address.path, settings.unix_socket_permissions)
-            )
-            names.append(f"unix:{address.path}")
-            continue
-        for listener in await open_tcp_listeners(address.host or "", address.port or 0):
-            listeners.append(listener)
-            names.append(_tcp_name(listener))
+    try:
+        for address in settings.listen_addresses:
+            with naming_listen_errors("LMTP (listen)", address):
+                if address.kind == "unix":
+                    assert address.path is not None
+                    listeners.append(
+                        await open_unix_listener(address.path, settings.unix_socket_permissions)
+                    )
+                    names.append(f"unix:{address.path}")
+                    continue
+                for listener in await open_tcp_listeners(address.host or "", address.port or 0):
+                    listeners.append(listener)
+                    names.append(_tcp_name(listener))
+    except BaseException:
+        for listener in listeners:  # the ones opened before the failure
+            await trio.aclose_forcefully(listener)
+        raise
     return listeners, names
 
 
@@ -159,9 +165,10 @@ async def run(
             async with trio.open_nursery() as nursery:
                 if settings.metrics_listen:
                     where = parse_listen(settings.metrics_listen)
-                    running.metrics_port = await nursery.start(
-                        serve_http, observability_handler(readiness), where.host, where.port
-                    )
+                    with naming_listen_errors("metrics (metrics_listen)", where):
+                        running.metrics_port = await nursery.start(
+                            serve_http, observability_handler(readiness), where.host, where.port
+                        )
                 if handle_signals:
                     nursery.start_soon(_stop_on_signal, running)
                 nursery.start_soon(memory.trim_forever)

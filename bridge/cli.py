@@ -1,6 +1,9 @@
-"""The `lmtp-bridge` command: serve, demo, check-config, send, --version.
+"""The `lmtp-bridge` command: serve (the default), demo, check-config, send, --version.
 
-Settings are loaded and checked once, before trio starts; a bad configuration exits 2.
+Settings are loaded and checked once, before trio starts. Every failure a user can cause is one
+line naming what and where, no traceback (unless --log-level DEBUG), and one of these exit codes:
+0 done; 1 cannot start (an address in use, a file that cannot be read) or, for send, a recipient
+refused or the server unreachable; 2 a bad configuration or command line; 75 (send) deferred.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from email.utils import formatdate, make_msgid
@@ -15,10 +19,21 @@ from email.utils import formatdate, make_msgid
 import trio
 
 from bridge import __version__
-from bridge.config import ConfigError, Settings, load_settings, redact_url, redacted_dump
+from bridge.base.listen import naming_listen_errors, parse_listen
+from bridge.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    redact_url,
+    redacted_dump,
+    unknown_env_vars,
+)
 
-EXIT_CONFIG = 2
+EXIT_START = 1  # cannot start: an address in use, an unreadable file (one line says which)
+EXIT_CONFIG = 2  # invalid settings or command line
 DEMO_RECEIVER_PORT = 8025
+COMMANDS = ("serve", "demo", "check-config", "send")
+log = logging.getLogger("bridge")
 
 
 def _add_server_flags(parser: argparse.ArgumentParser) -> None:
@@ -54,34 +69,107 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--receiver-port", type=int, default=DEMO_RECEIVER_PORT, help="demo receiver port"
     )
-    check = sub.add_parser("check-config", help="validate and print the effective settings")
-    check.add_argument("--config", metavar="FILE")
+    check = sub.add_parser(
+        "check-config",
+        help="validate and print the effective settings (takes serve's flags)",
+        description="Validate the settings serve would use with the same flags and environment, "
+        "print them with secrets redacted; exit 0, or 2 with one line per problem.",
+    )
+    _add_server_flags(check)
     send = sub.add_parser("send", help="send a message over LMTP and print each recipient's reply")
     send.add_argument("--to", action="append", required=True, metavar="RCPT")
     send.add_argument("--from", dest="sender", default="sender@example.org", metavar="ADDR")
     send.add_argument("--server", default="127.0.0.1:2424", metavar="ADDR")
     send.add_argument("--subject", default="Hello from lmtp-bridge send")
+    send.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    send.add_argument("--log-level", metavar="LEVEL", help="DEBUG: a traceback with each error")
     send.add_argument("file", nargs="?", help="RFC 5322 message file, or - for stdin")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # serve is the default command: bare `lmtp-bridge`, or serve's flags without the word.
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "serve")
     args = build_parser().parse_args(argv)
-    command = args.command or "serve"
-    if command == "send":
-        return _send(args)
-    if command == "check-config":
+    try:
+        if args.command == "send":
+            return _send(args)
+        if args.command == "check-config":
+            return _check_config(args)
+        if args.command == "demo":
+            return _demo(args)
         settings = _load(args)
         if settings is None:
             return EXIT_CONFIG
-        print(json.dumps(redacted_dump(settings), indent=2))
-        return 0
-    if command == "demo":
-        return _demo(args)
+        return _serve(settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    unknown = unknown_env_vars()
+    for line in unknown:
+        print(f"lmtp-bridge: config: {line}", file=sys.stderr)
     settings = _load(args)
-    if settings is None:
+    if settings is None or unknown:
         return EXIT_CONFIG
-    return _serve(settings)
+    _print(json.dumps(redacted_dump(settings), indent=2))
+    return 0
+
+
+def _print(text: str) -> None:
+    """Print to stdout; a reader that stopped early (`check-config | head`) is no error: the exit
+    status reports the command's outcome, not the pipe's."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _warn_unknown_env() -> None:
+    for line in unknown_env_vars():
+        log.warning("config: %s; ignored", line)
+
+
+def _start_failures(exc: BaseException) -> list[str] | None:
+    """The one-line reasons when ``exc`` (perhaps an exception group from the nurseries) is
+    nothing but start-up OSErrors (addresses in use, files that cannot be read); else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        reasons: list[str] = []
+        for inner in exc.exceptions:
+            found = _start_failures(inner)
+            if found is None:
+                return None
+            reasons.extend(found)
+        return reasons
+    if isinstance(exc, trio.Cancelled):
+        return []
+    if isinstance(exc, OSError):
+        text = str(exc)  # a ListenError names the address and the setting
+        if exc.strerror:
+            text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+        return [" ".join(text.split())]
+    return None
+
+
+def _run_trio(fn, *args: object) -> int:  # type: ignore[no-untyped-def]
+    """trio.run(fn, *args): 0, or EXIT_START after one log line per start-up failure."""
+    try:
+        trio.run(fn, *args)
+    except BaseException as exc:
+        reasons = _start_failures(exc)
+        if not reasons:
+            raise
+        log.debug("start-up failure", exc_info=exc)
+        for reason in dict.fromkeys(reasons):
+            log.critical("cannot start: %s", reason)
+        return EXIT_START
+    return 0
 
 
 def _load(
@@ -119,22 +207,23 @@ def _serve(settings: Settings) -> int:
     from bridge.ops.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    _warn_unknown_env()
     if settings.workers > 1:
         from bridge import workers  # before bridge.app: metrics must be made multiprocess
 
         try:
             return workers.serve(settings)
-        except OSError as exc:
-            logging.getLogger("bridge").critical("cannot start: %s", exc)
-            return 1
+        except BaseException as exc:
+            reasons = _start_failures(exc)
+            if not reasons:
+                raise
+            log.debug("start-up failure", exc_info=exc)
+            for reason in dict.fromkeys(reasons):
+                log.critical("cannot start: %s", reason)
+            return EXIT_START
     from bridge.app import run
 
-    try:
-        trio.run(run, settings)
-    except OSError as exc:
-        logging.getLogger("bridge").critical("cannot start: %s", exc)
-        return 1
-    return 0
+    return _run_trio(run, settings)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -147,22 +236,20 @@ def _demo(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_CONFIG
     configure_logging(settings.log_format or "text", settings.log_level)
+    _warn_unknown_env()
     secrets = [s.get_secret_value() for s in settings.webhook_secret]
+    where = f"127.0.0.1:{args.receiver_port}"
 
     async def demo() -> None:
         async with trio.open_nursery() as nursery:
-            await nursery.start(
-                serve_http, demo_handler(sys.stdout, secrets), "127.0.0.1", args.receiver_port
-            )
+            with naming_listen_errors("the demo receiver (--receiver-port)", where):
+                await nursery.start(
+                    serve_http, demo_handler(sys.stdout, secrets), "127.0.0.1", args.receiver_port
+                )
             # the receiver stops when the bridge has drained
             await nursery.start(_run_and_cancel, settings, nursery.cancel_scope, receiver)
 
-    try:
-        trio.run(demo)
-    except OSError as exc:
-        logging.getLogger("bridge").critical("cannot start: %s", exc)
-        return 1
-    return 0
+    return _run_trio(demo)
 
 
 async def _run_and_cancel(
@@ -191,21 +278,44 @@ async def _run_and_cancel(
 def _send(args: argparse.Namespace) -> int:
     from bridge.client import LmtpClientError, send
 
-    if args.file == "-":
-        message = sys.stdin.buffer.read()
-    elif args.file:
-        with open(args.file, "rb") as f:
-            message = f.read()
-    else:
-        message = _sample_message(args.sender, args.to, args.subject)
+    debug = (args.log_level or "").upper() == "DEBUG"
+
+    def fail(text: str, code: int, exc: BaseException | None = None) -> int:
+        if debug and exc is not None:
+            logging.basicConfig()
+            log.error("send failed", exc_info=exc)
+        print(f"lmtp-bridge send: {text}", file=sys.stderr)
+        return code
+
     try:
-        result = send(args.server, args.sender, args.to, message)
+        server = parse_listen(args.server)
+    except ValueError as exc:
+        return fail(f"--server {exc}", EXIT_CONFIG, exc)
+    try:
+        if args.file == "-":
+            message = sys.stdin.buffer.read()
+        elif args.file:
+            with open(args.file, "rb") as f:
+                message = f.read()
+        else:
+            message = _sample_message(args.sender, args.to, args.subject)
+    except OSError as exc:
+        return fail(f"cannot read {args.file}: {exc.strerror or exc}", EXIT_CONFIG, exc)
+    try:
+        result = send(server, args.sender, args.to, message, timeout=args.timeout)
     except (OSError, LmtpClientError) as exc:
-        print(f"lmtp-bridge send: {exc}", file=sys.stderr)
-        return 1
+        return fail(f"{server}: {_reason(exc)}", 1, exc)
     for rcpt, reply in result.replies:
-        print(f"{rcpt}: {reply}")
+        _print(f"{rcpt}: {reply}")
     return result.exit_code
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out (--timeout)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _sample_message(sender: str, recipients: list[str], subject: str) -> bytes:

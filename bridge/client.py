@@ -8,7 +8,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from bridge.base.listen import parse_listen
+from bridge.base.listen import ListenAddress, parse_listen
 
 
 class LmtpClientError(Exception):
@@ -29,8 +29,8 @@ class SendResult:
         return 75 if "5" not in codes else 1
 
 
-def connect(server: str, timeout: float) -> socket.socket:
-    address = parse_listen(server)
+def connect(server: str | ListenAddress, timeout: float) -> socket.socket:
+    address = parse_listen(server) if isinstance(server, str) else server
     if address.kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
@@ -66,7 +66,7 @@ def dot_stuff(message: bytes) -> bytes:
 
 
 def send(
-    server: str,
+    server: str | ListenAddress,
     sender: str,
     recipients: list[str],
     message: bytes,
@@ -76,7 +76,12 @@ def send(
 ) -> SendResult:
     """Deliver ``message`` to ``recipients`` over LMTP; the reply of every recipient."""
     result = SendResult()
-    with connect(server, timeout) as sock:
+    try:
+        sock = connect(server, timeout)
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else exc.strerror or str(exc)
+        raise LmtpClientError(f"cannot connect: {reason}") from exc
+    with sock:
         replies = _Replies(sock)
 
         def command(line: str, expect: str = "2") -> str:

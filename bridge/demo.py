@@ -14,6 +14,7 @@ import json
 import re
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
@@ -23,6 +24,7 @@ from urllib.parse import unquote
 from bridge.ops.httpserver import Handler, HttpRequest, HttpResponse, text_response
 
 TEXT_LINES = 5
+MAX_REMEMBERED = 10_000  # delivery ids whose tries the demo counts
 TEXT_LINE_WIDTH = 100
 SIGNATURE_TOLERANCE = 5 * 60
 """Seconds a webhook-timestamp may be off, as in the Standard Webhooks libraries."""
@@ -36,6 +38,7 @@ class Delivery:
 
     payload: str
     delivery_id: str = "-"
+    attempt: int = 1  # how many times this receiver has seen this delivery id
     rcpt_to: str = ""
     recipients: list[str] = field(default_factory=list)  # a per-message request's, in order
     mail_from: str = ""
@@ -53,11 +56,18 @@ def demo_handler(out: TextIO = sys.stdout, secrets: Sequence[str] = ()) -> Handl
     Webhooks signature verified. Raises ValueError for a secret that is not base64.
     """
     keys = [_secret_key(secret) for secret in secrets]
+    # Tries per delivery id (a retry, in the session or from the MTA's queue, keeps the id):
+    # the most recent ids only, so a long demo cannot grow it without end.
+    tries: OrderedDict[str, int] = OrderedDict()
 
     async def handle(request: HttpRequest) -> HttpResponse:
         if request.method != "POST":
             return text_response(405, "demo: POST deliveries here", [("allow", "POST")])
         delivery = parse_delivery(request)
+        delivery.attempt = tries.pop(delivery.delivery_id, 0) + 1
+        tries[delivery.delivery_id] = delivery.attempt
+        if len(tries) > MAX_REMEMBERED:
+            tries.popitem(last=False)
         requested = _requested_status(delivery.rcpt_to)
         if delivery.recipients and not delivery.problem:  # per-message: a verdict each
             verdicts = {r: s for r in delivery.recipients if (s := _requested_status(r))}
@@ -253,7 +263,7 @@ def _print_block(
 ) -> None:
     to = delivery.rcpt_to or ", ".join(delivery.recipients) or "(unknown)"
     lines = [
-        f"--- delivery {delivery.delivery_id} ---",
+        f"--- delivery {delivery.delivery_id} (attempt {delivery.attempt}) ---",
         f"  to:          {to}",
         f"  from:        {delivery.mail_from or '<>'}",
         f"  subject:     {delivery.subject or '(none)'}",

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
-from bridge.base.listen import ListenAddress, parse_listen
+from bridge.base.listen import ListenAddress, naming_listen_errors, parse_listen
 from bridge.config import Settings
 
 log = logging.getLogger("bridge.workers")
@@ -36,38 +36,45 @@ def bind_sockets(
     per_worker: list[list[socket.socket]] = [[] for _ in range(workers)]
     try:
         for address in addresses:
-            if address.kind == "unix":
-                assert address.path is not None
-                shared = _unix_socket(address.path, unix_mode)
-                for mine in per_worker:
-                    mine.append(shared)
-                continue
-            infos = socket.getaddrinfo(
-                address.host or None,
-                address.port or 0,
-                type=socket.SOCK_STREAM,
-                flags=socket.AI_PASSIVE,
-            )
-            seen: set[tuple[int, object]] = set()
-            for family, kind, proto, _, sockaddr in infos:
-                if (family, sockaddr[0]) in seen:
-                    continue
-                seen.add((family, sockaddr[0]))
-                port = sockaddr[1]
-                for mine in per_worker:
-                    sock = socket.socket(family, kind, proto)
-                    mine.append(sock)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                    if family == socket.AF_INET6:
-                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                    sock.bind((sockaddr[0], port, *sockaddr[2:]))
-                    sock.listen(socket.SOMAXCONN)
-                    port = sock.getsockname()[1]  # port 0: the first socket chose it
+            with naming_listen_errors("LMTP (listen)", address):
+                _bind_address(address, per_worker, unix_mode)
     except BaseException:
         close_all(per_worker)
         raise
     return per_worker
+
+
+def _bind_address(
+    address: ListenAddress, per_worker: list[list[socket.socket]], unix_mode: int
+) -> None:
+    if address.kind == "unix":
+        assert address.path is not None
+        shared = _unix_socket(address.path, unix_mode)
+        for mine in per_worker:
+            mine.append(shared)
+        return
+    infos = socket.getaddrinfo(
+        address.host or None,
+        address.port or 0,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
+    )
+    seen: set[tuple[int, object]] = set()
+    for family, kind, proto, _, sockaddr in infos:
+        if (family, sockaddr[0]) in seen:
+            continue
+        seen.add((family, sockaddr[0]))
+        port = sockaddr[1]
+        for mine in per_worker:
+            sock = socket.socket(family, kind, proto)
+            mine.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((sockaddr[0], port, *sockaddr[2:]))
+            sock.listen(socket.SOMAXCONN)
+            port = sock.getsockname()[1]  # port 0: the first socket chose it
 
 
 def _unix_socket(path: str, mode: int) -> socket.socket:
@@ -165,7 +172,8 @@ def _supervise(settings: Settings, children: dict[int, int]) -> int:
             if settings.metrics_listen:
                 where = parse_listen(settings.metrics_listen)
                 handler = multiprocess_handler(observability_handler(readiness))
-                await nursery.start(serve_http, handler, where.host, where.port)
+                with naming_listen_errors("metrics (metrics_listen)", where):
+                    await nursery.start(serve_http, handler, where.host, where.port)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGCHLD) as sigs:
                 log_event(log, logging.INFO, "workers started", workers=len(children))
                 draining = False
@@ -198,7 +206,11 @@ def _supervise(settings: Settings, children: dict[int, int]) -> int:
                         break
             nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException:
+        stop_all()  # e.g. the metrics port was taken: the workers must not outlive the parent
+        raise
     return exit_code
 
 

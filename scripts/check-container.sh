@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # The container image, for real: hadolint, then build the Dockerfile with daemonless podman
-# (../shared/ci/container_smoke.sh: podman from Debian, a debootstrap Python base image) and run
-# it the way the README says: uid 10001, read-only root filesystem, /tmp a tmpfs, all capabilities
-# dropped. Checks /readyz and the HEALTHCHECK on the published metrics port, one LMTP delivery
-# through the published LMTP port to a webhook receiver in a second container (sharing the
-# bridge's network namespace), the delivery's signature, the spool on /tmp, and that SIGTERM
-# stops the bridge with exit code 0. Needs root (CI and the dev machines are root).
-# Env: SHARED (default ../shared), WORK (podman state, default /tmp/ci-img), SUITE (bookworm).
+# (scripts/podman-build.sh: podman from Debian, a Python base image made with debootstrap) and
+# run it the way the README says: uid 10001, read-only root filesystem, /tmp a tmpfs, all
+# capabilities dropped. Checks the ENTRYPOINT and the venv's imports, /readyz and the HEALTHCHECK
+# on the published metrics port, one LMTP delivery through the published LMTP port to a webhook
+# receiver in a second container (sharing the bridge's network namespace), the delivery's
+# signature, the spool on /tmp, and that SIGTERM stops the bridge with exit code 0.
+# Needs root (podman's storage, debootstrap). Nothing outside the repository.
+# Env: WORK (podman state, default /tmp/lmtp-bridge-podman), SUITE (base release, bookworm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SHARED=${SHARED:-../shared}
-export WORK=${WORK:-/tmp/ci-img}
-IMAGE=localhost/lmtp-bridge:ci
+export WORK=${WORK:-/tmp/lmtp-bridge-podman}
+export IMAGE=localhost/lmtp-bridge:ci
 say() { echo "[check-container] $*"; }
+t0=$SECONDS
 
 say "hadolint Dockerfile"
 .venv/bin/hadolint Dockerfile
 
-# Build (docker format keeps the HEALTHCHECK; OCI images drop it) and the basic smoke:
-# the ENTRYPOINT runs, the venv imports.
-BUILDAH_FORMAT=docker IMAGE=$IMAGE APP_PORT=0 SMOKE_ARGS=--version \
-    SMOKE_IMPORT="bridge.app bridge.demo httpx trio pydantic_settings" \
-    bash "$SHARED/ci/container_smoke.sh" .
-export CONTAINERS_CONF=$WORK/conf/containers.conf CONTAINERS_STORAGE_CONF=$WORK/conf/storage.conf
+bash scripts/podman-build.sh
+eval "$(bash scripts/podman-build.sh --env)"
+say "built in $((SECONDS - t0)) s; image user: $(podman image inspect -f '{{.Config.User}}' "$IMAGE")"
+
+# The ENTRYPOINT runs; the venv imports what the bridge and the demo load lazily.
+podman run --rm "$IMAGE" --version
+podman run --rm --entrypoint python "$IMAGE" -c \
+    'import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]' \
+    bridge.app bridge.demo httpx trio pydantic_settings || { say "FAILED: imports"; exit 1; }
 
 http_get() {   # URL -> body on stdout; fails unless 2xx (no need for curl)
     .venv/bin/python -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())' "$1"
@@ -106,4 +110,4 @@ blog=$(podman logs "$BRIDGE" 2>&1)
 grep -q '"draining".*SIGTERM' <<<"$blog" || fail "no 'draining' log line naming SIGTERM"
 grep -q '"lmtp-bridge stopped"' <<<"$blog" || fail "no 'lmtp-bridge stopped' log line"
 [ "$code" = 0 ] || fail "exit code $code after SIGTERM, not 0"
-say "OK: uid 10001, read-only root, /readyz, HEALTHCHECK, delivery, signature, SIGTERM -> exit 0"
+say "OK in $((SECONDS - t0)) s: uid 10001, read-only root, /readyz, HEALTHCHECK, delivery, signature, SIGTERM -> exit 0"

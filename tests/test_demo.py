@@ -10,10 +10,12 @@ from functools import partial
 import httpx
 import pytest
 import trio
+from bridge_process import StartBridge, message, open_session
 from standardwebhooks import Webhook
 
 from bridge.demo import demo_handler
 from bridge.ops.httpserver import HttpRequest, serve_http
+from bridge.webhook import client as webhook
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 OTHER_SECRET = "whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBrZXk="
@@ -236,3 +238,28 @@ async def test_a_per_message_delivery_gets_a_verdict_for_each_status_recipient()
     headers = [("content-type", "message/rfc822"), *(("x-lmtp-rcpt-to", r) for r in rcpts)]
     raw = await handler(HttpRequest("POST", "/", headers, RAW_MESSAGE))
     assert json.loads(raw.body) == {"recipients": verdicts}
+
+
+async def test_a_retried_delivery_shows_its_attempt_number(
+    nursery: trio.Nursery, start_bridge: StartBridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook, "BACKOFF_BASE", 0.01)
+    out = io.StringIO()
+    port = await nursery.start(partial(serve_http, demo_handler(out), "127.0.0.1", 0))
+    running = await start_bridge(webhook_url=f"http://127.0.0.1:{port}/hook", http_retries=2)
+    client = await open_session(running)
+    with trio.fail_after(30):
+        assert (await client.command("MAIL FROM:<alice@example.org>")).code == 250
+        assert (await client.command("RCPT TO:<status-503@example.org>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(message() + b".\r\n")
+        assert (await client.reply()).code == 451
+    await client.aclose()
+    heads = [line for line in out.getvalue().splitlines() if line.startswith("--- delivery ")]
+    assert len(heads) == 3, out.getvalue()
+    assert [h.rsplit("(", 1)[1] for h in heads] == [
+        "attempt 1) ---",
+        "attempt 2) ---",
+        "attempt 3) ---",
+    ]
+    assert len({h.split()[2] for h in heads}) == 1  # the same delivery id each time

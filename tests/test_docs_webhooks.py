@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,45 @@ def python_example() -> dict[str, Any]:
     return namespace
 
 
-def test_python_example_verifies_a_bridge_signature_and_refuses_a_forgery() -> None:
+# What the bridge really sends: UTF-8 JSON, a multipart body with a binary file part, a raw
+# message with 8-bit bytes that are not UTF-8 (the ones standardwebhooks 1.1.0 fails on).
+BODIES = {
+    "json": '{"version":1,"message":{"subject":"Grüße"}}'.encode(),
+    "multipart-binary": (
+        b'--b\r\nContent-Disposition: form-data; name="attachment"; filename="a.bin"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + bytes(range(256)) + b"\r\n--b--\r\n"
+    ),
+    "raw-8bit": (
+        b"Subject: caf\xe9\r\nContent-Type: text/plain; charset=latin-1\r\n\r\n\xff\xfe\x80\r\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", BODIES)
+def test_python_example_verifies_a_bridge_signature_and_refuses_a_forgery(kind: str) -> None:
     example = python_example()
-    body = '{"version":1,"message":{"subject":"Grüße"}}'.encode()
+    body = BODIES[kind]
     headers = dict(Signer([example["SECRET"]]).headers("msg_abc", [body]))
     example["verify"](body, headers)
+    assert example["signature_status"](body, headers) == 200
     with pytest.raises(WebhookVerificationError):
         example["verify"](body + b" ", headers)
+    assert example["signature_status"](body[:-1] + b"\x00", headers) == 401
     other = "whsec_" + "A" * 32
     forged = dict(Signer([other]).headers("msg_abc", [body]))
     with pytest.raises(WebhookVerificationError):
         example["verify"](body, forged)
+    assert example["signature_status"](body, forged) == 401
+
+
+def test_the_minimum_standardwebhooks_version_is_the_one_tested() -> None:
+    """The doc names 1.3 as the minimum; the test extra pins it as its lower bound, so these tests
+    run against a version the doc vouches for (1.3.0 was, when written, the oldest that works)."""
+    assert '"standardwebhooks>=1.3"' in DOC.read_text()
+    pyproject = (DOC.parent.parent / "pyproject.toml").read_text()
+    assert '"standardwebhooks>=1.3,<2"' in pyproject
+    installed = tuple(int(p) for p in version("standardwebhooks").split(".")[:2])
+    assert installed >= (1, 3)
 
 
 def test_python_example_answers_verify_questions_as_the_bridge_signs_them() -> None:

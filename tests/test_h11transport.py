@@ -256,7 +256,7 @@ async def test_connect_errors_and_timeouts_are_classified() -> None:
     async with client() as http:
         with pytest.raises(httpx.ConnectError) as caught:
             await http.post(f"http://127.0.0.1:{port}/", content=b"x")
-    assert classify_transport_error(caught.value) == "connect"
+    assert classify_transport_error(caught.value) == "refused"
 
 
 async def test_the_pool_bounds_open_connections_and_times_out(serve) -> None:

@@ -321,7 +321,7 @@ async def test_connection_refused(client: WebhookClient) -> None:
     url = f"http://127.0.0.1:{port}/hook"
     outcome = await client.deliver(route_for(url), request_for(url))
     assert (outcome.reply.code, outcome.reply.status) == (451, "4.4.1")
-    assert outcome.error == "connect"
+    assert outcome.error == "refused"
     assert outcome.http_status is None
 
 

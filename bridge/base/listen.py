@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -57,3 +59,23 @@ def parse_listen(addr: str) -> ListenAddress:
     if port > 65535:
         raise ValueError(f"{addr!r}: port {port} is out of range 0-65535")
     return ListenAddress("tcp", host=host, port=port)
+
+
+class ListenError(OSError):
+    """A listening socket that could not be opened, as one line naming what and where:
+    ``cannot listen on 127.0.0.1:2424 for LMTP (listen): Address already in use``."""
+
+    def __init__(self, what: str, address: object, cause: OSError) -> None:
+        reason = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(f"cannot listen on {address} for {what}: {reason}")
+
+
+@contextmanager
+def naming_listen_errors(what: str, address: object) -> Iterator[None]:
+    """Turn an OSError of the block (bind, listen, name lookup) into a ListenError."""
+    try:
+        yield
+    except ListenError:
+        raise
+    except OSError as exc:
+        raise ListenError(what, address, exc) from exc

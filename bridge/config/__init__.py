@@ -7,7 +7,7 @@ nothing but app, cli and workers imports it.
 
 from bridge.config.report import REDACTED, ConfigError, redact_url, redacted_dump
 from bridge.config.settings import MAX_RETRY_BUDGET, RouteConfig, Settings
-from bridge.config.sources import load_settings
+from bridge.config.sources import load_settings, unknown_env_vars
 
 __all__ = [
     "MAX_RETRY_BUDGET",
@@ -18,4 +18,5 @@ __all__ = [
     "load_settings",
     "redact_url",
     "redacted_dump",
+    "unknown_env_vars",
 ]

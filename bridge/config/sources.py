@@ -4,6 +4,7 @@ checks them."""
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -122,3 +123,20 @@ def _check_urls(values: Mapping[str, object]) -> list[str]:
         for i, route in enumerate(routes)
         if isinstance(route, Mapping) and not str(route.get("url") or "").strip()
     ]
+
+
+def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One line per ``LMTP_BRIDGE_*`` variable that names no setting (a typo such as
+    LMTP_BRIDGE_HTTP_TIMOUT would otherwise be ignored without a word), with the closest name."""
+    known = {CONFIG_ENV}
+    for field in FIELDS:
+        known.update((f"{ENV_PREFIX}{field}".upper(), f"{ENV_PREFIX}{field}_FILE".upper()))
+    lines = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        lines.append(f"{name}: unknown environment variable, no setting has this name{hint}")
+    return lines

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -20,6 +20,7 @@ from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.delivery.breaker import Breakers
 from bridge.delivery.content import ContentWork, is_light
 from bridge.lmtp.events import Reply
+from bridge.mail.logids import MAX_HEAD_SCAN, log_id, message_id_for_log
 from bridge.mail.parsed import ParsedMessage
 from bridge.ops import metrics
 from bridge.ops.logs import log_event
@@ -41,6 +42,8 @@ class Transaction:
     message: MessageBuffer
     # parsed and rendered on the event loop (content.is_light), else in a worker thread
     light: bool = False
+    # queue_id and message_id: in every log line of its deliveries, to find the message
+    log_ids: dict[str, str | None] = field(default_factory=dict)
 
 
 ReplySink = Callable[[Sequence[Reply]], Awaitable[None]]
@@ -94,6 +97,10 @@ class Deliverer:
                 unique.append(recipient)
             order.append(slots[recipient.address])
         txn.light = is_light(txn.message)
+        txn.log_ids = {
+            "queue_id": log_id(txn.envelope.xforward.get("ident")),
+            "message_id": message_id_for_log(txn.message.iter_chunks(MAX_HEAD_SCAN)),
+        }
         parsed = await self._parse_if_needed(txn)
         try:
             if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
@@ -168,7 +175,12 @@ class Deliverer:
                 txn.light, self._message_request, txn, recipients, ids, parsed, request_id
             )
             # The reply text names each recipient's own id (below), not the request's.
-            request = replace(request, answer_limit=self._max_verdicts, delivery_id="")
+            request = replace(
+                request,
+                answer_limit=self._max_verdicts,
+                delivery_id="",
+                log_fields={"request_id": request_id, **txn.log_ids},
+            )
             outcome = await self._client.deliver(route, request)
             self._record(route, outcome)
             replies = [outcome.reply] * len(recipients)
@@ -186,7 +198,8 @@ class Deliverer:
                     replies = [MALFORMED] * len(recipients)
         except Exception:
             log.exception(
-                "delivery failed inside the bridge", extra={"fields": {"request_id": request_id}}
+                "delivery failed inside the bridge",
+                extra={"fields": {"request_id": request_id, **txn.log_ids}},
             )
             replies = [INTERNAL_ERROR] * len(recipients)
         if why is not None:
@@ -214,12 +227,14 @@ class Deliverer:
             request = await self.content.run(
                 txn.light, self._request, txn, recipient, parsed, did
             )
+            request = replace(request, log_fields={"delivery_id": did, **txn.log_ids})
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply
             self._record(route, outcome)
         except Exception:
             log.exception(
-                "delivery failed inside the bridge", extra={"fields": {"delivery_id": did}}
+                "delivery failed inside the bridge",
+                extra={"fields": {"delivery_id": did, **txn.log_ids}},
             )
             reply = INTERNAL_ERROR
         self._log_outcome(txn, recipient, did, reply, outcome, started)
@@ -251,6 +266,7 @@ class Deliverer:
         fields: dict[str, Any] = {
             "delivery_id": did,
             **({"request_id": request_id} if request_id else {}),
+            **txn.log_ids,
             "route": route.name,
             "http_status": outcome.http_status if outcome else None,
             "attempts": outcome.attempts if outcome else 0,
@@ -258,6 +274,8 @@ class Deliverer:
             "reply": str(reply),
             "duration": round(time.monotonic() - started, 4),
         }
+        if outcome is not None and outcome.detail:
+            fields["detail"] = outcome.detail
         if self._log_addresses or log.isEnabledFor(logging.DEBUG):
             fields["mail_from"] = txn.envelope.mail_from
             fields["rcpt_to"] = recipient.address

@@ -7,11 +7,12 @@ import logging
 import os
 import random
 import re
+import socket
 import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import SplitResult, urljoin, urlsplit, urlunsplit
 
@@ -48,9 +49,12 @@ MIN_ATTEMPT = 1.0  # seconds: a retry is only started with at least this much bu
 REDIRECT_STATUSES = (307, 308)  # the only ones that keep the method and body of a POST
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
-# Transport failure kinds (Outcome.error) -> default reply.
+# Transport failure kinds (Outcome.error, the `error=` of the log) -> default reply. Each kind
+# its own text, so the MTA's log tells them apart; the enhanced codes are SPEC section 4's.
 _TRANSPORT_REPLIES: dict[str, Reply] = {
     "timeout": Reply(451, "4.4.2", "webhook timed out"),
+    "dns": Reply(451, "4.4.1", "webhook host name not found (DNS)"),
+    "refused": Reply(451, "4.4.1", "webhook connection refused"),
     "connect": Reply(451, "4.4.1", "webhook connection failed"),
     "reset": Reply(451, "4.4.1", "webhook connection reset"),
     "tls": Reply(451, "4.4.1", "webhook TLS error"),
@@ -78,6 +82,8 @@ class WebhookRequest:
     in_memory: bool = False  # True: making the chunks reads no file (no worker thread needed)
     delivery_id: str = ""  # named in the reply text, so the MTA's log line can be joined
     answer_limit: int = MAX_RESPONSE_READ  # bytes of the answer's body kept (per-message verdicts)
+    # what the log lines of this request say to find the message: delivery_id, queue_id...
+    log_fields: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,9 +94,11 @@ class Outcome:
     http_status: int | None  # last HTTP status, None on transport error
     attempts: int
     duration: float  # seconds, all attempts and backoff
-    error: str | None  # transport failure kind: timeout, connect, reset, tls, protocol, internal
+    # transport failure kind: timeout, dns, refused, connect, reset, tls, protocol, internal
+    error: str | None
     answer: bytes = b""  # the last answer's body, up to the request's answer_limit
     answer_truncated: bool = False  # the body went on past answer_limit
+    detail: str | None = None  # the failure underneath, for the log (never in a reply)
 
 
 # --- the map ----------------------------------------------------------------------------------
@@ -212,12 +220,25 @@ def map_response(
 
 
 def classify_transport_error(exc: Exception) -> str:
-    """The failure kind of an exception raised while talking to the webhook."""
+    """The failure kind of an exception raised while talking to the webhook.
+
+    The same for both transports (ours and httpx's): the kind comes from the OS or TLS error
+    underneath, found on the exception's cause chain (and in trio's exception groups).
+    """
     if isinstance(exc, httpx.TimeoutException):
         return "timeout"
-    if isinstance(exc, httpx.NetworkError) and _caused_by_tls(exc):
-        return "tls"
+    causes = list(_causes(exc))
+    if isinstance(exc, httpx.NetworkError):
+        if any(isinstance(c, ssl.SSLError | ssl.CertificateError) for c in causes):
+            return "tls"
+        if any(isinstance(c, socket.gaierror) for c in causes):
+            return "dns"
     if isinstance(exc, httpx.ConnectError):
+        oserrors = [c for c in causes if isinstance(c, OSError) and c.errno is not None]
+        if oserrors and all(isinstance(c, ConnectionRefusedError) for c in oserrors):
+            return "refused"  # every address of the host refused
+        if any(isinstance(c, ConnectionResetError) for c in causes):
+            return "reset"
         return "connect"
     if isinstance(exc, httpx.ReadError | httpx.WriteError | httpx.CloseError):
         return "reset"
@@ -229,15 +250,37 @@ def classify_transport_error(exc: Exception) -> str:
     return "internal"
 
 
-def _caused_by_tls(exc: BaseException) -> bool:
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, what caused it, and the members of any exception group on the way (bounded)."""
     seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ssl.SSLError | ssl.CertificateError):
-            return True
+    todo: list[BaseException] = [exc]
+    while todo and len(seen) < 64:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
         seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
+        yield current
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                todo.append(linked)
+
+
+def transport_error_detail(exc: Exception) -> str:
+    """A short, printable account of the failure underneath ``exc`` for the log: the TLS
+    verification message, the OS error text or the exception's own words."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLError):
+            why = getattr(cause, "verify_message", None)  # set by a real handshake only
+            if why:
+                return sanitize_text(f"certificate verify failed: {why}", 120)
+            return sanitize_text(str(getattr(cause, "reason", None) or cause), 120)
+        if isinstance(cause, socket.gaierror) and cause.strerror:
+            return sanitize_text(cause.strerror, 120)
+        if isinstance(cause, OSError) and not isinstance(cause, ssl.SSLError) and cause.errno:
+            return sanitize_text(os.strerror(cause.errno), 120)  # the same words on every path
+    return sanitize_text(str(exc), 120) or type(exc).__name__
 
 
 def map_transport_error(
@@ -251,6 +294,9 @@ def map_transport_error(
     """
     kind = classify_transport_error(exc)
     default = _TRANSPORT_REPLIES[kind]
+    if kind == "tls":  # which TLS problem: an expired or self-signed certificate, a bad name...
+        detail = transport_error_detail(exc)
+        default = _fit(Reply(default.code, default.status, f"{default.text}: {detail}"))
     reply = None if kind == "internal" else _override((kind, "error"), overrides, success=False)
     if reply is None:
         return _fit(default, delivery_id) if delivery_id else default
@@ -372,6 +418,7 @@ class _Attempt:
     error: str | None
     answer: bytes = b""
     answer_truncated: bool = False
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -461,14 +508,26 @@ class WebhookClient:
         while True:
             attempts += 1
             limit = min(route.timeout, max(0.0, deadline - trio.current_time()))
-            result = await self._attempt(route, request, limit)
+            result = await self._attempt(route, request, limit, attempts)
             if not result.reply.is_transient or attempts > route.retries:
                 break
             delay = backoff_delay(attempts)
             if deadline - trio.current_time() - delay < MIN_ATTEMPT:
-                log.debug("retry budget spent", extra={"route": route.name})
+                log.debug("retry budget spent", extra={"route": route.name, **request.log_fields})
                 break
             WEBHOOK_RETRIES.labels(route.name).inc()
+            log.info(
+                "webhook attempt failed; retrying",
+                extra={
+                    **request.log_fields,
+                    "route": route.name,
+                    "attempt": attempts,
+                    "http_status": result.http_status,
+                    "error": result.error,
+                    "detail": result.detail,
+                    "retry_in": round(delay, 3),
+                },
+            )
             await trio.sleep(delay)
         return Outcome(
             reply=result.reply,
@@ -478,9 +537,12 @@ class WebhookClient:
             error=result.error,
             answer=result.answer,
             answer_truncated=result.answer_truncated,
+            detail=result.detail,
         )
 
-    async def _attempt(self, route: Route, request: WebhookRequest, limit: float) -> _Attempt:
+    async def _attempt(
+        self, route: Route, request: WebhookRequest, limit: float, number: int = 1
+    ) -> _Attempt:
         in_flight = child(WEBHOOK_IN_FLIGHT, route.name)
         in_flight.inc()
         started = time.perf_counter()
@@ -490,10 +552,18 @@ class WebhookClient:
             in_flight.dec()
         child(WEBHOOK_DURATION, route.name).observe(time.perf_counter() - started)
         child(WEBHOOK_REQUESTS, route.name, status_class(result.http_status)).inc()
-        log.debug(
-            "webhook attempt",
-            extra={"route": route.name, "http_status": result.http_status, "error": result.error},
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "webhook attempt",
+                extra={
+                    **request.log_fields,
+                    "route": route.name,
+                    "attempt": number,
+                    "http_status": result.http_status,
+                    "error": result.error,
+                    "detail": result.detail,
+                },
+            )
         return result
 
     async def _attempt_unmetered(
@@ -535,7 +605,7 @@ class WebhookClient:
                 log.exception("webhook request failed unexpectedly", extra={"route": route.name})
         kind = classify_transport_error(failure)
         reply = map_transport_error(failure, route.status_map, request.delivery_id)
-        return _Attempt(reply, None, kind)
+        return _Attempt(reply, None, kind, detail=transport_error_detail(failure))
 
     async def post_once(self, route: Route, request: WebhookRequest, limit: float) -> Answer:
         """One POST (307/308 followed when configured), no retries, no delivery metrics: for
