@@ -20,7 +20,7 @@ from bridge.base import memory
 from bridge.base.listen import ListenAddress, naming_listen_errors, parse_listen
 from bridge.config import Settings
 from bridge.config.routes import build_router
-from bridge.delivery.breaker import Breakers, init_policy_metrics
+from bridge.delivery.breaker import BreakerPolicy, Breakers, init_policy_metrics
 from bridge.delivery.deliverer import Deliverer
 from bridge.delivery.verify import Verifier, init_verify_metrics
 from bridge.lmtp.connection import Limits
@@ -141,7 +141,14 @@ async def run(
             client,
             settings.hostname,
             log_addresses=settings.log_addresses,
-            breakers=Breakers(settings.breaker_threshold, settings.breaker_cooldown),
+            breakers=Breakers(
+                BreakerPolicy(
+                    failure_ratio=settings.breaker_failure_ratio,
+                    window=settings.breaker_window,
+                    min_calls=settings.breaker_min_calls,
+                    cooldown=settings.breaker_cooldown,
+                )
+            ),
             recipient_delimiter=settings.recipient_delimiter,
             trusted_authserv_ids=settings.trusted_authserv_ids,
             max_verdicts_size=settings.max_verdicts_size,

@@ -537,7 +537,8 @@ def test_route_names_are_label_safe(name: str) -> None:
 def test_delivery_policy_and_outbound_settings(tmp_path: Path) -> None:
     s = load_settings(environ={"LMTP_BRIDGE_WEBHOOK_URL": URL})
     assert (s.trace_headers, s.recipient_delimiter) == (True, "+")
-    assert (s.http_retry_budget, s.breaker_threshold, s.breaker_cooldown) == (120.0, 5, 30.0)
+    assert (s.http_retry_budget, s.breaker_cooldown) == (120.0, 30.0)
+    assert (s.breaker_failure_ratio, s.breaker_window, s.breaker_min_calls) == (0.5, 30.0, 10)
     assert (s.http_client_cert, s.http_client_key, s.http_trust_env) == (None, None, False)
     assert (s.http_follow_redirects, s.http_max_redirects) == (False, 3)
     cert = tmp_path / "client.pem"
@@ -555,7 +556,8 @@ def test_delivery_policy_and_outbound_settings(tmp_path: Path) -> None:
         }
     )
     assert (s.trace_headers, s.recipient_delimiter, s.http_retry_budget) == (False, "+-", 90)
-    assert (s.breaker_threshold, s.http_client_cert, s.http_trust_env) == (0, str(cert), True)
+    # breaker_threshold, the old name, still sets breaker_min_calls (0 disables the breakers)
+    assert (s.breaker_min_calls, s.http_client_cert, s.http_trust_env) == (0, str(cert), True)
     assert s.http_follow_redirects
 
 
@@ -566,6 +568,8 @@ def test_delivery_policy_problems_name_the_setting(tmp_path: Path) -> None:
             "http_retry_budget": 900,
             "breaker_threshold": -1,
             "breaker_cooldown": 0,
+            "breaker_failure_ratio": 1.5,
+            "breaker_window": 0,
             "http_client_cert": str(tmp_path / "missing.pem"),
             "recipient_delimiter": "@",
             "http_max_redirects": 0,
@@ -574,12 +578,17 @@ def test_delivery_policy_problems_name_the_setting(tmp_path: Path) -> None:
     named = sorted(p.split(":")[0] for p in problems)
     assert named == [
         "breaker_cooldown",
+        "breaker_failure_ratio",
         "breaker_threshold",
+        "breaker_window",
         "http_client_cert",
         "http_max_redirects",
         "http_retry_budget",
         "recipient_delimiter",
     ]
+    env = {"LMTP_BRIDGE_WEBHOOK_URL": URL, "LMTP_BRIDGE_BREAKER_THRESHOLD": "3"}
+    env["LMTP_BRIDGE_BREAKER_MIN_CALLS"] = "20"  # the new name wins over the old one
+    assert load_settings(environ=env).breaker_min_calls == 20
     key = tmp_path / "client.key"
     key.write_text("x")
     (problem,) = problems_of(overrides={"webhook_url": URL, "http_client_key": str(key)})

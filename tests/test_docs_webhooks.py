@@ -96,7 +96,7 @@ def test_doc_names_every_envelope_and_message_field() -> None:
     for name in (
         "rcpt_local", "rcpt_domain", "rcpt_user", "rcpt_tag", "text_charset", "html_charset",
         "auth", "defects", "content_id", "X-Lmtp-Reply", "Idempotency-Key", "{rcpt}", "{tag}",
-        "http_retry_budget", "breaker_threshold", "lmtp_bridge_circuit_breaker_state",
+        "http_retry_budget", "breaker_min_calls", "lmtp_bridge_circuit_breaker_state",
         "verify_url", "verify_on_error", "verify_cache_ttl", "verify_negative_ttl",
         "recipient.verify", "lmtp_bridge_verify_requests_total",
         'delivery = "message"', "envelope.recipients", "max_verdicts_size",

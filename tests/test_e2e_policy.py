@@ -10,9 +10,12 @@ import base64
 import email.parser
 import email.policy
 import hashlib
+import logging
 import os
+import socket
 import urllib.parse
 
+import pytest
 import trio
 from bridge_process import (
     AsyncLmtp,
@@ -20,6 +23,7 @@ from bridge_process import (
     StartBridge,
     codes,
     data_section,
+    free_port,
     message,
     metric_value,
     metrics_text,
@@ -45,62 +49,131 @@ async def transaction(
     return rcpt_replies, [await client.reply() for _ in range(accepted)]
 
 
-async def test_circuit_breaker_defers_at_rcpt_then_probes_and_closes(
+async def test_poison_recipients_never_close_the_route_for_healthy_ones(
     start_bridge: StartBridge, webhook_server: WebhookServer
 ) -> None:
-    cooldown = 0.5
+    """Three recipients the webhook always answers 503 (with the default retries: three requests
+    each), sent again and again as an MTA's queue would, among healthy recipients of the same
+    route: every healthy one is accepted at RCPT and delivered, the breaker never opens."""
     running = await start_bridge(
         routes=[{"name": "hooks", "match": "@example.org", "url": webhook_server.url}],
-        breaker_threshold=2,
+        breaker_cooldown=30,
+    )
+    poison = ["p1@example.org", "p2@example.org", "p3@example.org"]
+    for rcpt in poison:
+        webhook_server.behave(rcpt, status=503, body="poison")
+    client = await open_session(running)
+    healthy = []
+    for i in range(12):
+        rcpts = [*poison, f"h{i}@example.org"] if i % 3 else poison[: 1 + i % 3]
+        healthy += rcpts[3:]
+        rcpt_replies, after = await transaction(client, rcpts, message())
+        assert codes(rcpt_replies) == ["250 2.1.5"] * len(rcpts), i
+        assert codes(after) == ["451 4.3.0"] * min(3, len(rcpts)) + ["250 2.0.0"] * (len(rcpts) - 3)
+    assert {r.rcpt for r in webhook_server.requests if r.rcpt not in poison} == set(healthy)
+    text = await metrics_text(running)
+    assert metric_value(text, "lmtp_bridge_circuit_breaker_state", {"route": "hooks"}) == 0
+    assert metric_value(text, "lmtp_bridge_circuit_breaker_opened_total", {"route": "hooks"}) == 0
+    await client.aclose()
+
+
+async def test_a_refused_port_opens_the_breaker_and_a_probe_closes_it_when_it_is_back(
+    start_bridge: StartBridge, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()  # nothing listens there: every connection is refused
+    cooldown = 0.5
+    running = await start_bridge(
+        routes=[{"name": "down", "match": "@example.org", "url": f"http://127.0.0.1:{port}/h"}],
+        breaker_min_calls=4,
         breaker_cooldown=cooldown,
     )
-    webhook_server.behave("*", status=503, body="down for maintenance")
     client = await open_session(running)
     before = await metrics_text(running)  # metrics are the process's: compare, never absolute
 
     def moved(text: str, **labels: str) -> float:
         return metric_value(text, RECIPIENTS, labels) - metric_value(before, RECIPIENTS, labels)
 
-    # Two retryable failures in a row open the breaker ...
-    for rcpt in ("a@example.org", "b@example.org"):
-        rcpt_replies, after = await transaction(client, [rcpt], message())
-        assert codes(rcpt_replies) == ["250 2.1.5"]
-        assert codes(after) == ["451 4.3.0"]
-    # ... and then the next recipient of the route is deferred at RCPT, before any DATA.
-    rcpt_replies, _ = await transaction(client, ["c@example.org"], message())
-    assert codes(rcpt_replies) == ["451 4.3.0"]
-    assert len(webhook_server.requests) == 2
+    with caplog.at_level(logging.INFO, logger="bridge.delivery.breaker"):
+        # four deliveries that cannot connect (each after its retries) open it ...
+        for rcpts in (["a@example.org", "b@example.org"], ["c@example.org", "d@example.org"]):
+            rcpt_replies, after = await transaction(client, rcpts, message())
+            assert codes(rcpt_replies) == ["250 2.1.5"] * 2
+            assert codes(after) == ["451 4.4.1"] * 2
+        # ... and the route's next recipients are deferred at RCPT, before any DATA
+        rcpt_replies, _ = await transaction(client, ["e@example.org", "f@example.org"], message())
+        assert codes(rcpt_replies) == ["451 4.3.0"] * 2
+        text = await metrics_text(running)
+        assert metric_value(text, "lmtp_bridge_circuit_breaker_state", {"route": "down"}) == 1
+        assert moved(text, result="deferred", route="down", stage="rcpt") == 2
+        assert moved(text, result="deferred", route="down", stage="data") == 4
+
+        with WebhookServer(port=port) as back:  # the endpoint comes back
+            await trio.sleep(cooldown + 0.1)
+            rcpt_replies, after = await transaction(
+                client, ["g@example.org", "h@example.org"], message()
+            )
+            assert codes(rcpt_replies) == ["250 2.1.5", "451 4.3.0"]  # one probe, one waits
+            assert codes(after) == ["250 2.0.0"]
+            rcpt_replies, after = await transaction(
+                client, ["h@example.org", "i@example.org"], message()
+            )
+            assert codes(rcpt_replies) == ["250 2.1.5"] * 2
+            assert codes(after) == ["250 2.0.0"] * 2
+            assert sorted(r.rcpt or "" for r in back.requests) == [
+                "g@example.org",
+                "h@example.org",
+                "i@example.org",
+            ]
+    transitions = [
+        (r.getMessage(), r.fields["route"], r.fields["reason"])  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "bridge.delivery.breaker"
+    ]
+    assert transitions == [
+        (
+            "circuit breaker opened",
+            "down",
+            "4 of 4 deliveries in 30 s failed at the endpoint (last: connect)",
+        ),
+        ("circuit breaker half-open", "down", f"cool-down of {cooldown:g} s over: one probe"),
+        ("circuit breaker closed", "down", "probe answered: HTTP 200"),
+    ]
     text = await metrics_text(running)
-    assert metric_value(text, "lmtp_bridge_circuit_breaker_state", {"route": "hooks"}) == 1
-    assert metric_value(text, "lmtp_bridge_circuit_breaker_refused_total", {"route": "hooks"}) == 1
-    # every deferral counts, at RCPT or after the data, so rate(deferred) is the SLI
-    assert moved(text, result="deferred", route="hooks", stage="rcpt") == 1
-    assert moved(text, result="deferred", route="hooks", stage="data") == 2
+    assert metric_value(text, "lmtp_bridge_circuit_breaker_state", {"route": "down"}) == 0
+    assert metric_value(text, "lmtp_bridge_circuit_breaker_opened_total", {"route": "down"}) == 1
+    assert metric_value(text, "lmtp_bridge_circuit_breaker_refused_total", {"route": "down"}) == 3
     # a recipient no route matches: refused at RCPT, counted under the route label "none"
     rcpt_replies, _ = await transaction(client, ["x@elsewhere.example"], message())
     assert codes(rcpt_replies) == ["550 5.1.1"]
     text = await metrics_text(running)
     assert moved(text, result="rejected", route="none", stage="rcpt") == 1
-
-    # After the cool-down one probe goes through; the webhook is back, so the breaker closes.
-    webhook_server.behave("*", status=200)
-    await trio.sleep(cooldown + 0.1)
-    rcpt_replies, after = await transaction(client, ["d@example.org", "e@example.org"], message())
-    assert codes(rcpt_replies) == ["250 2.1.5", "451 4.3.0"]  # one probe, the other waits
-    assert codes(after) == ["250 2.0.0"]
-    rcpt_replies, after = await transaction(client, ["e@example.org", "f@example.org"], message())
-    assert codes(rcpt_replies) == ["250 2.1.5", "250 2.1.5"]
-    assert codes(after) == ["250 2.0.0", "250 2.0.0"]
-    text = await metrics_text(running)
-    assert metric_value(text, "lmtp_bridge_circuit_breaker_state", {"route": "hooks"}) == 0
-    assert metric_value(text, "lmtp_bridge_circuit_breaker_opened_total", {"route": "hooks"}) == 1
     await client.aclose()
 
 
-async def test_failed_probe_opens_the_breaker_again(
+async def test_an_endpoint_that_times_out_opens_the_breaker(start_bridge: StartBridge) -> None:
+    with socket.socket() as silent:  # connections are queued by the kernel, never answered
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/hook"
+        running = await start_bridge(
+            routes=[{"name": "slow", "match": "@example.org", "url": url}],
+            http_timeout=0.3,
+            http_retries=0,
+            breaker_min_calls=3,
+        )
+        client = await open_session(running)
+        rcpts = ["a@example.org", "b@example.org", "c@example.org"]
+        _, after = await transaction(client, rcpts, message())
+        assert codes(after) == ["451 4.4.2"] * 3
+        rcpt_replies, _ = await transaction(client, ["d@example.org"], message())
+        assert codes(rcpt_replies) == ["451 4.3.0"]
+        await client.aclose()
+
+
+async def test_a_failed_probe_opens_the_breaker_again(
     start_bridge: StartBridge, webhook_server: WebhookServer
 ) -> None:
-    running = await start_bridge(breaker_threshold=1, breaker_cooldown=0.3)
+    running = await start_bridge(breaker_min_calls=1, breaker_cooldown=0.3, http_retries=0)
     webhook_server.behave("*", status=500)
     client = await open_session(running)
     _, after = await transaction(client, ["a@example.org"], message())
@@ -113,15 +186,17 @@ async def test_failed_probe_opens_the_breaker_again(
     await client.aclose()
 
 
-async def test_permanent_answers_do_not_open_the_breaker(
+async def test_refusals_of_recipients_never_open_the_breaker(
     start_bridge: StartBridge, webhook_server: WebhookServer
 ) -> None:
-    running = await start_bridge(breaker_threshold=1)
+    running = await start_bridge(breaker_min_calls=1)
     webhook_server.behave("*", status=404, body="no such user")
+    webhook_server.behave("nope@example.org", status=403, body="not for you")
     client = await open_session(running)
-    for rcpt in ("a@example.org", "b@example.org", "c@example.org"):
+    for rcpt in ("a@example.org", "nope@example.org", "b@example.org", "c@example.org"):
         rcpt_replies, after = await transaction(client, [rcpt], message())
-        assert codes(rcpt_replies) == ["250 2.1.5"] and codes(after) == ["550 5.1.1"]
+        assert codes(rcpt_replies) == ["250 2.1.5"]
+        assert codes(after) == ["451 4.7.0" if rcpt.startswith("nope") else "550 5.1.1"]
     await client.aclose()
 
 

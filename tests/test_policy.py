@@ -3,6 +3,7 @@ virtual clock (trio's autojump clock with an httpx MockTransport that hangs)."""
 
 from __future__ import annotations
 
+import logging
 import random
 
 import httpx
@@ -11,7 +12,16 @@ import trio
 
 from bridge.base.route import Route
 from bridge.config import MAX_RETRY_BUDGET, ConfigError, load_settings
-from bridge.delivery.breaker import BREAKER_OPEN, Breakers, CircuitBreaker, State
+from bridge.delivery.breaker import (
+    BREAKER_OPEN,
+    MAX_WINDOW_ENTRIES,
+    BreakerPolicy,
+    Breakers,
+    CircuitBreaker,
+    Judgement,
+    State,
+    judge,
+)
 from bridge.webhook import client as webhook
 from bridge.webhook.client import WebhookClient, WebhookRequest
 
@@ -27,60 +37,189 @@ class FakeClock:
         return self.now
 
 
-def test_breaker_opens_after_threshold_consecutive_failures() -> None:
+POLICY = BreakerPolicy(failure_ratio=0.5, window=30, min_calls=10, cooldown=10)
+OK = Judgement(False, "HTTP 200")
+DOWN = Judgement(True, "connect")
+
+
+def poison(rcpt: str) -> Judgement:
+    return judge(503, None, rcpt) or pytest.fail("a 503 must count")
+
+
+def breaker(clock: FakeClock, policy: BreakerPolicy = POLICY) -> CircuitBreaker:
+    return CircuitBreaker("r", policy, clock=clock)
+
+
+def test_judge_counts_only_what_says_the_endpoint_is_down() -> None:
+    for status in (500, 502, 503, 504, 507, 429):
+        assert judge(status, None, "a@x") == Judgement(True, f"HTTP {status}", "a@x")
+    for status in (200, 202, 301, 400, 401, 403, 404, 408, 410, 413, 422, 425):
+        assert judge(status, None, "a@x") == Judgement(False, f"HTTP {status}")
+    for error in ("connect", "timeout", "tls", "reset", "protocol"):
+        assert judge(None, error, "a@x") == Judgement(True, error)  # not per recipient
+    assert judge(None, "internal", "a@x") is None  # our own bug says nothing of the webhook
+
+
+def test_poison_recipients_never_open_it_however_often_they_fail() -> None:
     clock = FakeClock()
-    breaker = CircuitBreaker("r", threshold=3, cooldown=30, clock=clock)
-    breaker.record(success=False)
-    breaker.record(success=False)
-    breaker.record(success=True)  # a definite answer resets the count
-    breaker.record(success=False, failures=2)
-    assert breaker.state is State.CLOSED and breaker.admit()
-    breaker.record(success=False)
-    assert breaker.state is State.OPEN
-    assert not breaker.admit()
-    clock.now += 29.9
-    assert not breaker.admit()
+    b = breaker(clock)
+    for _ in range(50):  # the MTA retries them again and again
+        for rcpt in ("p1@x", "p2@x", "p3@x"):
+            b.record(poison(rcpt))
+            clock.now += 0.1
+    assert b.state is State.CLOSED and b.failures == 3
+    for i in range(7):  # with some healthy traffic too: 3 of 10 is under the ratio
+        b.record(OK)
+        b.record(poison(f"p{i % 3 + 1}@x"))
+    assert b.state is State.CLOSED and b.admit()
+
+
+def test_503_for_many_distinct_recipients_opens_it() -> None:
+    clock = FakeClock()
+    b = breaker(clock)
+    for i in range(9):
+        b.record(poison(f"user{i}@x"))
+    assert b.state is State.CLOSED  # 9 calls: under the minimum volume
+    b.record(poison("user9@x"))
+    assert b.state is State.OPEN and not b.admit()
+
+
+def test_an_endpoint_that_is_down_opens_it_at_the_minimum_volume() -> None:
+    clock = FakeClock()
+    b = breaker(clock)
+    for _ in range(9):
+        b.record(DOWN)  # transport failures count each time, recipient or not
+    assert b.state is State.CLOSED
+    b.record(DOWN)
+    assert b.state is State.OPEN
+
+
+def test_failure_ratio_below_the_threshold_keeps_it_closed() -> None:
+    clock = FakeClock()
+    b = breaker(clock)
+    for _ in range(6):
+        b.record(OK)
+    for _ in range(5):
+        b.record(DOWN)  # 5 of 11
+    assert b.state is State.CLOSED
+    b.record(DOWN)  # 6 of 12: half
+    assert b.state is State.OPEN
+
+
+def test_refusals_of_recipients_never_count_as_failures() -> None:
+    clock = FakeClock()
+    b = breaker(clock)
+    for status in (404, 410, 401, 403, 400, 413, 422) * 20:
+        b.record(judge(status, None, "a@x") or pytest.fail("an answer counts"))
+    assert b.state is State.CLOSED and b.failures == 0
+
+
+def test_old_outcomes_leave_the_window() -> None:
+    clock = FakeClock()
+    b = breaker(clock)
+    for _ in range(9):
+        b.record(DOWN)
+    clock.now += 30  # they are out of the 30 s window
+    b.record(DOWN)
+    assert b.state is State.CLOSED and b.calls == 1
+    for _ in range(8):
+        b.record(DOWN)
+        clock.now += 1
+    b.record(DOWN)
+    assert b.state is State.OPEN
+
+
+def test_the_window_is_bounded() -> None:
+    clock = FakeClock()
+    b = breaker(clock, BreakerPolicy(failure_ratio=1.0, window=3600, min_calls=1, cooldown=1))
+    for _ in range(MAX_WINDOW_ENTRIES + 500):
+        b.record(OK)
+    assert b.calls == MAX_WINDOW_ENTRIES
 
 
 def test_half_open_lets_one_probe_through_then_closes_or_reopens() -> None:
     clock = FakeClock()
-    breaker = CircuitBreaker("r", threshold=1, cooldown=10, clock=clock)
-    breaker.record(success=False)
+    b = breaker(clock, BreakerPolicy(min_calls=1, cooldown=10))
+    b.record(DOWN)
+    assert b.state is State.OPEN and not b.admit()
     clock.now += 10
-    assert breaker.admit()  # the probe
-    assert breaker.state is State.HALF_OPEN
-    assert not breaker.admit() and not breaker.admit()  # everyone else waits for it
-    breaker.record(success=False)  # the probe failed: a new cool-down
-    assert breaker.state is State.OPEN and not breaker.admit()
+    assert b.admit()  # the probe
+    assert b.state is State.HALF_OPEN
+    assert not b.admit() and not b.admit()  # everyone else waits for it
+    b.record(poison("probe@x"))  # the probe failed: a new cool-down
+    assert b.state is State.OPEN and not b.admit()
     clock.now += 10
-    assert breaker.admit()
-    breaker.record(success=True)
-    assert breaker.state is State.CLOSED
-    assert all(breaker.admit() for _ in range(5))
+    assert b.admit()
+    b.record(Judgement(False, "HTTP 404"))  # any answer but 5xx/429: the endpoint is back
+    assert b.state is State.CLOSED
+    assert all(b.admit() for _ in range(5))
+    assert b.calls == 0  # judged afresh
+
+
+def test_outcomes_of_earlier_deliveries_do_not_move_an_open_breaker() -> None:
+    clock = FakeClock()
+    b = breaker(clock, BreakerPolicy(min_calls=1, cooldown=10))
+    b.record(DOWN)
+    clock.now += 5
+    b.record(DOWN)  # began before it opened: the cool-down is not extended
+    b.record(OK)  # nor does a late success close it
+    assert b.state is State.OPEN
+    clock.now += 5
+    assert b.admit() and b.state is State.HALF_OPEN
 
 
 def test_a_probe_that_never_reports_back_is_replaced_after_a_cooldown() -> None:
     clock = FakeClock()
-    breaker = CircuitBreaker("r", threshold=1, cooldown=10, clock=clock)
-    breaker.record(success=False)
+    b = breaker(clock, BreakerPolicy(min_calls=1, cooldown=10))
+    b.record(DOWN)
     clock.now += 10
-    assert breaker.admit()  # its transaction is then reset: no outcome ever comes
+    assert b.admit()  # its transaction is then reset: no outcome ever comes
     clock.now += 9
-    assert not breaker.admit()
+    assert not b.admit()
     clock.now += 1
-    assert breaker.admit()
+    assert b.admit()
 
 
-def test_threshold_zero_disables_the_breaker() -> None:
-    breakers = Breakers(threshold=0, cooldown=10)
+def test_every_transition_is_one_log_line_with_the_route_and_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    b = CircuitBreaker("orders", BreakerPolicy(min_calls=2, cooldown=10), clock=clock)
+    with caplog.at_level(logging.INFO, logger="bridge.delivery.breaker"):
+        b.record(DOWN)
+        b.record(poison("a@x"))
+        clock.now += 10
+        b.admit()
+        b.admit()  # refused while the probe is out: no transition, no line
+        b.record(OK)
+    lines = [(r.getMessage(), r.fields) for r in caplog.records]  # type: ignore[attr-defined]
+    assert lines == [
+        (
+            "circuit breaker opened",
+            {
+                "route": "orders",
+                "reason": "2 of 2 deliveries in 30 s failed at the endpoint (last: HTTP 503)",
+            },
+        ),
+        (
+            "circuit breaker half-open",
+            {"route": "orders", "reason": "cool-down of 10 s over: one probe"},
+        ),
+        ("circuit breaker closed", {"route": "orders", "reason": "probe answered: HTTP 200"}),
+    ]
+
+
+def test_min_calls_zero_disables_the_breakers() -> None:
+    breakers = Breakers(BreakerPolicy(min_calls=0))
     for _ in range(100):
-        breakers.get("r").record(success=False)
+        breakers.record("r", DOWN)
     assert breakers.admit("r") is None
 
 
 def test_breakers_are_per_route() -> None:
-    breakers = Breakers(threshold=1, cooldown=10)
-    breakers.get("down").record(success=False)
+    breakers = Breakers(BreakerPolicy(min_calls=1))
+    breakers.record("down", DOWN)
+    breakers.record("down", None)  # a bug of the bridge: nothing to judge
     assert breakers.admit("down") == BREAKER_OPEN
     assert str(BREAKER_OPEN).startswith("451 4.3.0")
     assert breakers.admit("up") is None

@@ -135,9 +135,9 @@ def test_deferred_recipients_are_delivered_once_the_webhook_recovers(
 ) -> None:
     webhook_server.behave("*", status=503, body="down for maintenance")
     rcpts = [f"user{i}@example.org" for i in range(5)]
-    # five failures open the bridge's circuit breaker: later tries are refused at RCPT (451)
-    # until a probe after the cool-down gets through
-    env = {"LMTP_BRIDGE_BREAKER_COOLDOWN": "1"}
+    # five recipients failing with 503 open the bridge's circuit breaker (a minimum volume of 5
+    # here): later tries are refused at RCPT (451) until a probe after the cool-down gets through
+    env = {"LMTP_BRIDGE_BREAKER_COOLDOWN": "1", "LMTP_BRIDGE_BREAKER_MIN_CALLS": "5"}
     with bridge_and_postfix(webhook_server, env) as (_bridge, postfix):
         postfix.sendmail(make_message("recover@test"), SENDER, rcpts)
         postfix.wait_outcomes(

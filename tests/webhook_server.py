@@ -204,7 +204,7 @@ class WebhookServer:
     ``peer_certs`` then lists the client certificate of each connection (empty dict: none).
     """
 
-    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None, port: int = 0) -> None:
         self._lock = threading.Lock()
         self._arrived = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -215,7 +215,7 @@ class WebhookServer:
         self._peer_certs: list[Any] = []
         # When set, every answer is computed from the request instead of programmed per rcpt.
         self.responder: Callable[[RecordedRequest], Step] | None = None
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
+        self._httpd = _Server(("127.0.0.1", port), _Handler)  # port 0: any free one
         self._httpd.owner = self
         if tls is not None:
             self._httpd.socket = tls.wrap_socket(

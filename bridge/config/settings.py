@@ -415,14 +415,32 @@ class Settings(BaseSettings):
         description="Seconds for all tries and backoff of one recipient; at most 300, half of "
         "Postfix's lmtp_data_done_timeout.",
     )
-    breaker_threshold: int = Field(
-        default=5,
+    # A route's circuit breaker judges the endpoint (bridge/delivery/breaker.py): it opens when
+    # at least breaker_min_calls deliveries ended in breaker_window seconds and at least
+    # breaker_failure_ratio of them failed at the endpoint (5xx/429 once per recipient).
+    breaker_failure_ratio: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Share of a route's deliveries in breaker_window that failed at the endpoint "
+        "(connect, TLS, timeout, 5xx/429 counted once per recipient) that opens its breaker.",
+    )
+    breaker_window: float = Field(
+        default=30.0, gt=0, description="Seconds of delivery outcomes a route's breaker judges."
+    )
+    breaker_min_calls: int = Field(
+        default=10,
         ge=0,
-        description="Consecutive retryable webhook failures that open a route's circuit "
-        "breaker (451 4.3.0 at RCPT); 0 disables it.",
+        description="Deliveries judged in breaker_window before a breaker may open; 0 disables "
+        "the breakers.",
     )
     breaker_cooldown: float = Field(
         default=30.0, gt=0, description="Seconds an open breaker refuses before one probe."
+    )
+    breaker_threshold: int | None = Field(
+        default=None,
+        ge=0,
+        description="Deprecated: the old name of breaker_min_calls (used when that is not set).",
     )
     # --- recipient verification at RCPT (SPEC 7) ---
     verify_url: Annotated[Url | None, BeforeValidator(_none_if_blank)] = Field(
@@ -542,6 +560,17 @@ class Settings(BaseSettings):
         if twice:
             raise ValueError(f"route names must be unique: {', '.join(twice)} given twice")
         return routes
+
+    @model_validator(mode="before")
+    @classmethod
+    def _breaker_threshold_is_min_calls(cls, data: Any) -> Any:
+        # breaker_threshold (failures in a row, before the breaker judged the endpoint) still
+        # works: its number, as breaker_min_calls, keeps 0 = disabled and its order of size
+        if isinstance(data, dict):
+            old = str(data.get("breaker_threshold", "")).strip()
+            if old.isdigit() and data.get("breaker_min_calls") is None:  # else its own error
+                data = {**data, "breaker_min_calls": int(old)}
+        return data
 
     @model_validator(mode="after")
     def _one_url_per_message(self) -> Settings:

@@ -17,7 +17,7 @@ import trio
 
 from bridge.base.route import Route
 from bridge.base.transaction import Envelope, MessageBuffer, Recipient
-from bridge.delivery.breaker import Breakers
+from bridge.delivery.breaker import Breakers, judge
 from bridge.delivery.content import ContentWork, is_light
 from bridge.lmtp.events import Reply
 from bridge.mail.logids import MAX_HEAD_SCAN, log_id, message_id_for_log
@@ -68,7 +68,7 @@ class Deliverer:
         self._hostname = hostname
         self._log_addresses = log_addresses
         self._signers: dict[tuple[str, ...], Signer] = {}
-        self.breakers = breakers or Breakers(threshold=0, cooldown=1.0)
+        self.breakers = breakers or Breakers()  # none unless given
         self._delimiter = recipient_delimiter
         self._trusted = tuple(trusted_authserv_ids)
         self._max_verdicts = max_verdicts_size
@@ -182,7 +182,7 @@ class Deliverer:
                 log_fields={"request_id": request_id, **txn.log_ids},
             )
             outcome = await self._client.deliver(route, request)
-            self._record(route, outcome)
+            self._record(route, outcome, "\n".join(r.address for r in recipients))
             replies = [outcome.reply] * len(recipients)
             if outcome.reply.is_success:
                 try:
@@ -230,7 +230,7 @@ class Deliverer:
             request = replace(request, log_fields={"delivery_id": did, **txn.log_ids})
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply
-            self._record(route, outcome)
+            self._record(route, outcome, recipient.address)
         except Exception:
             log.exception(
                 "delivery failed inside the bridge",
@@ -240,13 +240,10 @@ class Deliverer:
         self._log_outcome(txn, recipient, did, reply, outcome, started)
         return reply
 
-    def _record(self, route: Route, outcome: Outcome) -> None:
-        """Tell the route's breaker what one request's outcome says about the endpoint."""
-        if outcome.error != "internal":  # our own bugs say nothing about the webhook
-            failed = outcome.reply.is_transient
-            self.breakers.get(route.name).record(
-                success=not failed, failures=outcome.attempts if failed else 0
-            )
+    def _record(self, route: Route, outcome: Outcome, recipients: str) -> None:
+        """Tell the route's breaker what one request's outcome says about the endpoint: once,
+        however many tries; a 5xx/429 once per distinct ``recipients`` (the request's)."""
+        self.breakers.record(route.name, judge(outcome.http_status, outcome.error, recipients))
 
     def _log_outcome(
         self,
