@@ -703,3 +703,38 @@ def test_prometheus_rule_needs_the_value_and_the_crd(chart):
         for alert in group["rules"]:
             assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}
             assert alert["labels"]["severity"] in ("critical", "warning")
+
+
+def test_readme_install_command_renders_as_written(chart):
+    """The README's `helm install` line, its --set and --set-json flags applied as Helm would:
+    valid manifests, and the NetworkPolicy admits the MTA it names."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    command = re.search(
+        r"^ +helm install mail-hooks helm/lmtp-bridge .*?(?<!\\)\n", text, re.M | re.S
+    )
+    assert command, "the README's helm install example"
+    words = shlex.split(command.group(0).replace("\\\n", " "))
+    assert words[:4] == ["helm", "install", "mail-hooks", "helm/lmtp-bridge"]
+    values: dict[str, Any] = {}
+    flags = iter(words[4:])
+    for flag in flags:
+        if flag in ("--set", "--set-json"):
+            path, _, raw = next(flags).partition("=")
+            value = json.loads(raw) if flag == "--set-json" else raw
+            *parents, leaf = path.split(".")
+            node = values
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        else:
+            assert flag == "-n" and next(flags)
+    values["secret"]["webhookSecret"] = SECRET  # the README says whsec_...
+    manifests, notes = render(chart, values)
+    validate_all(manifests)
+    policy = manifests[("NetworkPolicy", FULLNAME)]
+    postfix = {"app.kubernetes.io/name": "postfix"}
+    assert admitted(policy, "lmtp", postfix, namespace_labels(NAMESPACE))
+    assert not admitted(policy, "lmtp", {"lmtp-bridge-client": "true"}, namespace_labels(NAMESPACE))
+    assert "not signed" not in notes
