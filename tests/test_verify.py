@@ -10,11 +10,15 @@ from collections.abc import Awaitable, Callable, Mapping
 import httpx
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 from standardwebhooks import Webhook
 from webhook_server import WebhookServer
 
 from bridge.base.route import Route
+from bridge.config import ConfigError, load_settings, redacted_dump
+from bridge.config.routes import build_router
 from bridge.delivery.verify import (
     MAX_AGE_CAP,
     UNVERIFIED,
@@ -315,6 +319,16 @@ def test_cache_seconds_parsing() -> None:
     assert cache_seconds("max-age=-1", 7) == 7  # not a number of seconds: ignored
 
 
+@given(
+    st.text(
+        alphabet=st.sampled_from('max-age=0123456789 ,"\tno-storecahpiv\x00\u00e9'), max_size=60
+    )
+)
+def test_any_cache_control_gives_a_bounded_ttl(value: str) -> None:
+    seconds = cache_seconds(value, 7.0)
+    assert seconds == 7.0 or 0 <= seconds <= MAX_AGE_CAP
+
+
 async def test_what_follows_verify_on_error_is_never_cached() -> None:
     for on_error in ("accept", "defer"):
         clock = FakeClock()
@@ -464,3 +478,77 @@ async def test_metrics() -> None:
     assert {r: before(r) - start[r] for r in start} == {"accepted": 1, "refused": 1, "error": 1}
     assert counter("lmtp_bridge_verify_cache_total", route="metered", hit="true") - hits == 2
     assert counter("lmtp_bridge_verify_cache_total", route="metered", hit="false") - misses == 3
+
+
+# ---- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_reach_the_routes_and_a_route_without_its_own_uses_the_global_ones() -> None:
+    settings = load_settings(
+        overrides={
+            "webhook_url": "http://hooks.test/in",
+            "routes": [
+                {"name": "own", "match": "@own.test", "verify_url": "http://own.test/v",
+                 "verify_timeout": 2, "verify_on_error": "DEFER"},
+                {"name": "inherits", "match": "@example.org"},
+            ],
+        },
+        environ={
+            "LMTP_BRIDGE_VERIFY_URL": "http://verify.test/v/{domain}",
+            "LMTP_BRIDGE_VERIFY_TIMEOUT": "3",
+            "LMTP_BRIDGE_VERIFY_CACHE_TTL": "30",
+            "LMTP_BRIDGE_VERIFY_NEGATIVE_TTL": "0",
+            "LMTP_BRIDGE_VERIFY_CACHE_SIZE": "5",
+        },
+    )  # fmt: skip
+    assert (settings.verify_cache_ttl, settings.verify_negative_ttl) == (30, 0)
+    assert settings.verify_cache_size == 5 and settings.verify_on_error == "accept"
+    own, inherits, default = build_router(settings).routes
+    assert (own.verify_url, own.verify_timeout, own.verify_on_error) == (
+        "http://own.test/v",
+        2,
+        "defer",
+    )
+    for route in (inherits, default):
+        assert route.verify_url == "http://verify.test/v/{domain}"
+        assert (route.verify_timeout, route.verify_on_error) == (3, "accept")
+
+
+def test_defaults_ask_nobody() -> None:
+    settings = load_settings(overrides={"webhook_url": "http://hooks.test/in"}, environ={})
+    assert (settings.verify_timeout, settings.verify_cache_ttl) == (5, 300)
+    assert (settings.verify_negative_ttl, settings.verify_cache_size) == (60, 10_000)
+    assert all(route.verify_url is None for route in build_router(settings).routes)
+
+
+@pytest.mark.parametrize(
+    ("env", "problem"),
+    [
+        ({"LMTP_BRIDGE_VERIFY_ON_ERROR": "bounce"}, "verify_on_error"),
+        ({"LMTP_BRIDGE_VERIFY_TIMEOUT": "0"}, "verify_timeout"),
+        ({"LMTP_BRIDGE_VERIFY_TIMEOUT": "61"}, "verify_timeout"),
+        ({"LMTP_BRIDGE_VERIFY_URL": "ftp://x.test/"}, "verify_url"),
+        ({"LMTP_BRIDGE_VERIFY_URL": "http://{domain}.test/"}, "verify_url"),
+        ({"LMTP_BRIDGE_VERIFY_CACHE_SIZE": "-1"}, "verify_cache_size"),
+    ],
+)
+def test_bad_settings_are_named(env: dict[str, str], problem: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(overrides={"webhook_url": "http://hooks.test/in"}, environ=env)
+    assert any(line.startswith(problem) for line in raised.value.problems), raised.value.problems
+
+
+def test_check_config_redacts_credentials_in_verify_urls() -> None:
+    settings = load_settings(
+        overrides={
+            "webhook_url": "http://hooks.test/in",
+            "verify_url": "https://u:pa55word@verify.test/v?token=t0k3n",
+            "routes": [{"name": "r", "match": "@x.test",
+                        "verify_url": "https://verify.test/r?api_key=k3y&team=ops"}],
+        },
+        environ={},
+    )  # fmt: skip
+    text = json.dumps(redacted_dump(settings))
+    for secret in ("pa55word", "t0k3n", "k3y"):
+        assert secret not in text
+    assert "verify.test/r?" in text

@@ -89,9 +89,11 @@ def redacted_dump(settings: Settings) -> dict[str, Any]:
     URL user info and query values are "**********"."""
     data: dict[str, Any] = settings.model_dump(mode="json")
     data["webhook_url"] = _redact_optional_url(data["webhook_url"])
+    data["verify_url"] = _redact_optional_url(data["verify_url"])
     data["webhook_headers"] = _redact_headers(data["webhook_headers"])
     for route in data["routes"]:
         route["url"] = _redact_optional_url(route["url"])
+        route["verify_url"] = _redact_optional_url(route["verify_url"])
         route["headers"] = _redact_headers(route["headers"])
     return data
 
