@@ -145,7 +145,7 @@ async def test_verify_on_error_with_a_verify_webhook_that_is_down(
     reply = await client.command("RCPT TO:<bob@example.org>")
     if on_error == "defer":
         assert (reply.code, reply.status) == (451, "4.4.1")
-        assert reply.text == "4.4.1 recipient verification failed: webhook connection failed"
+        assert reply.text == "4.4.1 recipient verification failed: webhook connection refused"
         return
     assert (reply.code, reply.status) == (250, "2.1.5")
     assert "not verified" in reply.text
