@@ -183,6 +183,8 @@ def check(
     chunk_size=st.sampled_from(CHUNKS),
 )
 @example(body=b"a\r\nb", charset=None, prefix=b"", spooled=True, in_memory=False, chunk_size=2)
+# A lone CR, then a lone LF: as many of each as CRLF pairs would have, but no pair.
+@example(body=b"a\rb\nc", charset=None, prefix=b"", spooled=False, in_memory=True, chunk_size=64)
 def test_any_bytes_spool_as_the_in_memory_path(
     body: bytes,
     charset: str | None,

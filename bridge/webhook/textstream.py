@@ -125,8 +125,9 @@ def _one_pass(
         if not chunk:
             continue
         rest = chunk.translate(None, _PRINTABLE) if plain and clean else None
-        if rest is not None and not held and rest == b"\r\n" * (len(rest) >> 1):
-            # The common case: plain text with CRLF line ends, none split between pieces.
+        if rest is not None and not held and len(rest) == 2 * chunk.count(b"\r\n"):
+            # The common case: plain text with CRLF line ends, none split between pieces
+            # (every CR and LF in a CRLF pair: "\rx\n" would count as one pair in ``rest``).
             store.write(chunk.translate(_CRLF_ESCAPED))
             continue
         if rest is not None and not rest.translate(None, b"\r\n"):
