@@ -225,6 +225,27 @@ async def test_url_template_and_plus_addressing(
     await client.aclose()
 
 
+async def test_an_address_never_moves_the_request_to_another_path(
+    start_bridge: StartBridge, webhook_server: WebhookServer
+) -> None:
+    """Dot segments and empty segments from an address are refused at RCPT (553 5.1.3): with
+    this template, <..@example.org> was POSTed to /tenant/example.org/inbox."""
+    url = webhook_server.base_url + "/tenant/{domain}/user/{local}/inbox"
+    running = await start_bridge(webhook_url=url)
+    client = await open_session(running)
+    before = await metrics_text(running)  # metrics are the process's: compare, never absolute
+    steering = ["..@example.org", "bob@..", "..@..", ".@example.org", "postmaster"]
+    rcpt_replies, after = await transaction(client, [*steering, "bob@example.org"], message())
+    assert codes(rcpt_replies) == ["553 5.1.3"] * len(steering) + ["250 2.1.5"]
+    assert codes(after) == ["250 2.0.0"]
+    assert [r.path for r in webhook_server.requests] == ["/tenant/example.org/user/bob/inbox"]
+    text = await metrics_text(running)
+    refused = {"result": "rejected", "route": "default", "stage": "rcpt"}
+    moved = metric_value(text, RECIPIENTS, refused) - metric_value(before, RECIPIENTS, refused)
+    assert moved == len(steering)
+    await client.aclose()
+
+
 AUTH_MESSAGE = message(
     Authentication_Results=(
         "mx.example.net; spf=pass smtp.mailfrom=alice@example.org;"

@@ -150,6 +150,22 @@ async def test_a_redirect_to_another_origin_is_refused_and_logged(
     assert "pw" not in line and "t0p" not in line
 
 
+@pytest.mark.parametrize("transport", ["h11", "httpx"])
+async def test_percent_encoded_dot_segments_reach_the_webhook_as_sent(
+    webhook_server: WebhookServer, transport: str
+) -> None:
+    """httpx and the h11 transport keep %2E%2E (and //) as sent: only a literal ".." would be
+    removed, and route.py never puts one in a URL."""
+    from bridge.webhook.transport import H11Transport
+
+    url = webhook_server.base_url + "/tenant/%2E%2E/user/%2E//inbox"
+    chosen = H11Transport() if transport == "h11" else None
+    async with WebhookClient(transport=chosen) as opened:
+        outcome = await opened.deliver(route(url), request(url))
+    assert outcome.reply.code == 250
+    assert [r.path for r in webhook_server.requests] == ["/tenant/%2E%2E/user/%2E//inbox"]
+
+
 def test_only_the_same_origin_or_an_https_upgrade_keeps_credentials() -> None:
     same = webhook.same_origin_or_upgrade
     assert same("https://h.example/a", "https://H.example:443/b?c")

@@ -275,6 +275,55 @@ def test_url_template_fills_escaped_values() -> None:
     assert plain.url_for("x@example.org") == "http://h/hook?a=1"
 
 
+TENANT = Route(name="t", url="https://h.example/tenant/{domain}/user/{local}/inbox?tag={tag}")
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        ("..@example.org", "{local} would be '..'"),  # was POSTed to /tenant/example.org/inbox
+        (".@example.org", "{local} would be '.'"),
+        ("bob@..", "{domain} would be '..'"),  # was /user/bob/inbox
+        ("..@..", "{domain} would be '..'"),  # was /inbox
+        ("bob@.", "{domain} would be '.'"),
+        ("postmaster", "{domain} would be empty"),  # //: merged by proxies, the rest moves up
+    ],
+)
+def test_addresses_that_would_move_the_request_are_named(address: str, why: str) -> None:
+    assert TENANT.steering_segment(address) == why
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["bob@example.org", "a..b@example.org", "bob.@example.org", '".."@example.org',
+     "bob+..@example.org", "bob+@example.org", "x@example.org."],
+)  # fmt: skip
+def test_addresses_that_stay_in_their_segment_pass(address: str) -> None:
+    assert TENANT.steering_segment(address) is None
+
+
+def test_steering_looks_at_whole_segments_and_at_verify_url() -> None:
+    # a literal next to the placeholder can make a dot segment too
+    assert Route(name="d", url="http://h/in/{local}./x").steering_segment(".@x") == (
+        "{local}. would be '..'"
+    )
+    # an empty last segment moves nothing: /in/example.org/bob/ for an address without a tag
+    tagged = Route(name="t", url="http://h/in/{domain}/{user}/{tag}")
+    assert tagged.steering_segment("bob@example.org") is None
+    assert Route(name="e", url="http://h/in/{tag}/x").steering_segment("bob@x") == (
+        "{tag} would be empty"
+    )
+    verified = Route(name="v", url="http://h/in", verify_url="http://h/users/{user}/x")
+    assert verified.steering_segment("..@x") == "{user} would be '..'"
+    assert Route(name="q", url="http://h/in?to={local}").steering_segment("..@x") is None
+
+
+def test_dot_values_are_percent_encoded() -> None:
+    # belt and braces: even if such a URL were built, no HTTP stack of ours drops %2E%2E
+    assert TENANT.url_for("..@..") == ("https://h.example/tenant/%2E%2E/user/%2E%2E/inbox?tag=")
+    assert TENANT.url_for("bob+.@x") == "https://h.example/tenant/x/user/bob%2B./inbox?tag=%2E"
+
+
 @pytest.mark.parametrize(
     ("url", "problem"),
     [

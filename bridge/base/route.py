@@ -41,6 +41,29 @@ class Route:
             return self.url
         return self.url.format_map(template_values(address, delimiter))
 
+    def steering_segment(self, address: str, delimiter: str = "+") -> str | None:
+        """Why ``address`` must not be posted through this route, or None when it may: a
+        placeholder would make a path segment of ``url`` (or ``verify_url``) "." or "..", or
+        empty with more path after it, which an HTTP stack or the receiver's proxy removes or
+        merges (nginx: merge_slashes), so the request would land on another path
+        (``/tenant/{domain}/user/{local}/inbox`` with ``..@example.org`` is
+        ``/tenant/example.org/inbox``). An empty last segment (``/in/{user}/{tag}`` without a
+        tag) moves nothing and is fine."""
+        for template in (self.url, self.verify_url):
+            if template is None or "{" not in template:
+                continue
+            values = template_values(address, delimiter)
+            segments = urllib.parse.urlsplit(template).path.split("/")
+            filled = [urllib.parse.unquote(s.format_map(values)) for s in segments]
+            for i, segment in enumerate(segments):
+                if "{" not in segment:
+                    continue
+                if filled[i] in (".", ".."):
+                    return f"{segment} would be {filled[i]!r}"
+                if not filled[i] and any(filled[i + 1 :]):
+                    return f"{segment} would be empty"
+        return None
+
 
 # Placeholders a route URL may use (in its path or query only).
 URL_PLACEHOLDERS = ("rcpt", "local", "domain", "user", "tag")
@@ -68,10 +91,16 @@ def template_values(address: str, delimiter: str = "+") -> dict[str, str]:
         "user": user,
         "tag": tag or "",
     }
-    # safe="": "/", "?", "#", "@" and "%" are encoded too, so a value stays one path segment.
+    # safe="": "/", "?", "#", "@" and "%" are encoded too, so a value stays one path segment;
+    # "." and ".." as %2E: no HTTP stack of ours removes them as dot segments (recipients that
+    # would make one are refused at RCPT anyway: Route.steering_segment)
     return {
-        k: urllib.parse.quote(v.encode("utf-8", "surrogateescape"), safe="") for k, v in raw.items()
+        k: _DOT_SEGMENTS.get(v) or urllib.parse.quote(v.encode("utf-8", "surrogateescape"), safe="")
+        for k, v in raw.items()
     }
+
+
+_DOT_SEGMENTS = {".": "%2E", "..": "%2E%2E"}
 
 
 def check_url_template(url: str) -> None:

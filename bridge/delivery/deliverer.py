@@ -33,6 +33,10 @@ from bridge.webhook.verdicts import MALFORMED, VerdictError, read_verdicts
 log = logging.getLogger("bridge.delivery.deliverer")
 
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again later")
+# RFC 5321 553: mailbox name not allowed. The same address always fails: a permanent refusal.
+ADDRESS_STEERS_URL = Reply(
+    553, "5.1.3", "Mailbox name not allowed: it would leave a webhook path segment empty or a dot"
+)
 
 
 @dataclass(slots=True)
@@ -78,6 +82,16 @@ class Deliverer:
         """At RCPT: None to accept a recipient of ``route``, or the reply that defers it
         (the route's circuit breaker is open)."""
         return self.breakers.admit(route.name)
+
+    def refuse_address(self, route: Route, address: str) -> Reply | None:
+        """At RCPT: the reply refusing ``address`` when it would steer the route's URL (an
+        empty or dot path segment), else None."""
+        why = route.steering_segment(address, self._delimiter)
+        if why is None:
+            return None
+        log_event(log, logging.INFO, "recipient refused: it would steer the webhook URL",
+                  route=route.name, why=why)  # fmt: skip
+        return ADDRESS_STEERS_URL
 
     async def deliver(self, txn: Transaction, emit: ReplySink) -> None:
         """POST every recipient's copy concurrently; ``emit`` gets replies in RCPT order.

@@ -283,7 +283,9 @@ class Session:
             metrics.count_recipients(NO_ROUTE.code, None, "rcpt")
             self.conn.reject(NO_ROUTE)
             return
-        refusal = self.server.deliverer.admit(route)  # the route's circuit breaker
+        refusal = self.server.deliverer.refuse_address(route, event.recipient)
+        if refusal is None:
+            refusal = self.server.deliverer.admit(route)  # the route's circuit breaker
         if refusal is not None:
             metrics.count_recipients(refusal.code, route.name, "rcpt")
             self.conn.reject(refusal)
