@@ -422,6 +422,8 @@ class Session:
                 # the writer gives up (and the session ends) when the client reads nothing
                 # for idle_timeout
                 await self._sent.wait()
+            # we did not read meanwhile: the next command line's time starts now
+            self.idle_since = trio.current_time()
         if self._broken:
             raise trio.BrokenResourceError("peer does not read its replies")
 
