@@ -361,3 +361,29 @@ def test_odd_but_real_addresses_pass_through_postfix(webhook_server: WebhookServ
     got = sorted(envelope(r)["rcpt_to"] for r in webhook_server.requests)  # type: ignore[type-var]
     assert got == FORWARDED
     assert {envelope(r)["mail_from"] for r in webhook_server.requests} == {sender}
+
+
+def test_poison_recipients_never_defer_healthy_ones_of_their_route(
+    webhook_server: WebhookServer,
+) -> None:
+    """Issue 14's report: two recipients the webhook always answers 503 (three requests each
+    with the default retries), retried by Postfix's queue, among healthy recipients of the same
+    route. Every healthy recipient is sent on its first try; only the poison ones wait."""
+    poison = ["p1@example.org", "p2@example.org"]
+    for rcpt in poison:
+        webhook_server.behave(rcpt, status=503, body="poison")
+    healthy = [f"h{i}@example.org" for i in range(6)]
+    with bridge_and_postfix(webhook_server) as (bridge, postfix):
+        for i, rcpt in enumerate(healthy):
+            postfix.sendmail(make_message(f"poison{i}@test"), SENDER, [*poison, rcpt])
+            if i % 2:
+                postfix.flush()  # Postfix retries the deferred poison recipients meanwhile
+        postfix.wait_outcomes(done_with({r: ["sent"] for r in healthy}), 60, "the healthy")
+        outcomes = postfix.outcomes()
+        _, text = http_get(f"{bridge.metrics_url}/metrics")
+    statuses = final_status(outcomes)
+    assert all(statuses[rcpt] == ["sent"] for rcpt in healthy), statuses
+    assert all(set(statuses[rcpt]) == {"deferred"} for rcpt in poison), statuses
+    assert metric_value(text, "lmtp_bridge_circuit_breaker_opened_total", {"route": "default"}) == 0
+    deferred_at_rcpt = {"result": "deferred", "route": "default", "stage": "rcpt"}
+    assert metric_value(text, "lmtp_bridge_recipients_total", deferred_at_rcpt) == 0
