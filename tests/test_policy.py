@@ -38,8 +38,8 @@ class FakeClock:
 
 
 POLICY = BreakerPolicy(failure_ratio=0.5, window=30, min_calls=10, cooldown=10)
-OK = Judgement(False, "HTTP 200")
-DOWN = Judgement(True, "connect")
+OK = Judgement(False, 200)
+DOWN = Judgement(True, None, "connect")
 
 
 def poison(rcpt: str) -> Judgement:
@@ -52,11 +52,11 @@ def breaker(clock: FakeClock, policy: BreakerPolicy = POLICY) -> CircuitBreaker:
 
 def test_judge_counts_only_what_says_the_endpoint_is_down() -> None:
     for status in (500, 502, 503, 504, 507, 429):
-        assert judge(status, None, "a@x") == Judgement(True, f"HTTP {status}", "a@x")
+        assert judge(status, None, "a@x") == Judgement(True, status, None, "a@x")
     for status in (200, 202, 301, 400, 401, 403, 404, 408, 410, 413, 422, 425):
-        assert judge(status, None, "a@x") == Judgement(False, f"HTTP {status}")
+        assert judge(status, None, "a@x") == Judgement(False, status)
     for error in ("connect", "timeout", "tls", "reset", "protocol"):
-        assert judge(None, error, "a@x") == Judgement(True, error)  # not per recipient
+        assert judge(None, error, "a@x") == Judgement(True, None, error)  # not per recipient
     assert judge(None, "internal", "a@x") is None  # our own bug says nothing of the webhook
 
 
@@ -132,9 +132,13 @@ def test_old_outcomes_leave_the_window() -> None:
 def test_the_window_is_bounded() -> None:
     clock = FakeClock()
     b = breaker(clock, BreakerPolicy(failure_ratio=1.0, window=3600, min_calls=1, cooldown=1))
-    for _ in range(MAX_WINDOW_ENTRIES + 500):
+    b.record(OK)  # so that the failures never reach 100 %
+    for i in range(MAX_WINDOW_ENTRIES + 500):  # every recipient of a big domain answered 503
+        b.record(poison(f"user{i}@x"))
+    assert b.state is State.CLOSED and b.failures == MAX_WINDOW_ENTRIES
+    for _ in range(100_000):  # successes are counts, whatever the rate
         b.record(OK)
-    assert b.calls == MAX_WINDOW_ENTRIES
+    assert b.calls == 100_001 + MAX_WINDOW_ENTRIES
 
 
 def test_half_open_lets_one_probe_through_then_closes_or_reopens() -> None:
@@ -150,7 +154,7 @@ def test_half_open_lets_one_probe_through_then_closes_or_reopens() -> None:
     assert b.state is State.OPEN and not b.admit()
     clock.now += 10
     assert b.admit()
-    b.record(Judgement(False, "HTTP 404"))  # any answer but 5xx/429: the endpoint is back
+    b.record(Judgement(False, 404))  # any answer but 5xx/429: the endpoint is back
     assert b.state is State.CLOSED
     assert all(b.admit() for _ in range(5))
     assert b.calls == 0  # judged afresh

@@ -17,9 +17,9 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge
 
@@ -30,7 +30,7 @@ from bridge.ops.metrics import RETRY_AFTER
 log = logging.getLogger("bridge.delivery.breaker")
 
 BREAKER_OPEN = Reply(451, "4.3.0", "Webhook unavailable, try again later")
-MAX_WINDOW_ENTRIES = 10_000  # outcomes kept per route: a bounded window even at high rates
+MAX_WINDOW_ENTRIES = 10_000  # failing recipients kept per route: bounded at any rate
 
 BREAKER_STATE = Gauge(
     "lmtp_bridge_circuit_breaker_state",
@@ -67,53 +67,75 @@ class BreakerPolicy:
         return self.min_calls > 0
 
 
-@dataclass(frozen=True, slots=True)
-class Judgement:
+class Judgement(NamedTuple):
     """One delivery, as the breaker sees it."""
 
     failed: bool
-    why: str  # "HTTP 503", "connect", "HTTP 404": for the transition's log line
+    http_status: int | None = None
+    error: str | None = None  # timeout, connect, reset, tls, protocol
     recipient: str | None = None  # set for an HTTP 5xx/429: counted once per recipient
+
+    @property
+    def why(self) -> str:
+        """For the transition's log line: "HTTP 503", "connect"."""
+        return f"HTTP {self.http_status}" if self.http_status is not None else str(self.error)
+
+
+_ANSWERED: dict[int, Judgement] = {}  # the successes, made once per status
 
 
 def judge(http_status: int | None, error: str | None, recipient: str) -> Judgement | None:
     """How a delivery's final outcome counts (None: not at all, e.g. a bug of the bridge)."""
     if http_status is not None:
-        failed = http_status >= 500 or http_status == 429
-        return Judgement(failed, f"HTTP {http_status}", recipient if failed else None)
+        if http_status >= 500 or http_status == 429:
+            return Judgement(True, http_status, None, recipient)
+        found = _ANSWERED.get(http_status)
+        if found is None:
+            found = _ANSWERED[http_status] = Judgement(False, http_status)
+        return found
     if error is None or error == "internal":
         return None
-    return Judgement(True, error)  # timeout, connect, reset, tls, protocol
+    return Judgement(True, None, error)
+
+
+BUCKETS = 10  # the window is kept as this many slices of counts
 
 
 class CircuitBreaker:
-    """One route's breaker (the rule is in the module docstring)."""
+    """One route's breaker (the rule is in the module docstring).
+
+    The window is ``BUCKETS`` slices of counts (the oldest slice leaves whole, so "the last
+    ``window`` seconds" is exact to a tenth of it), and the recipients of 5xx/429 answers with
+    the time of their last one, at most ``MAX_WINDOW_ENTRIES``: a success costs an increment.
+    """
 
     def __init__(
         self, route: str, policy: BreakerPolicy, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.route = route
         self.policy = policy
+        self._enabled = policy.enabled
         self._clock = clock
         self.state = State.CLOSED
         self._until = 0.0  # open: refuse until; half-open: the next probe is allowed at
-        # the window: (time, failed, recipient of a 5xx/429 or None), oldest first
-        self._window: deque[tuple[float, bool, str | None]] = deque()
-        self._successes = 0
-        self._plain_failures = 0  # transport failures: each counts
-        self._failing_recipients: dict[str, int] = {}  # 5xx/429: each recipient counts once
+        self._width = policy.window / BUCKETS
+        self._head = 0  # number of the newest slice: int(time / width)
+        self._ok = [0] * BUCKETS
+        self._down = [0] * BUCKETS  # transport failures: each counts
+        self._failing: dict[str, float] = {}  # 5xx/429: recipient -> last time; once each
 
     @property
     def failures(self) -> int:
-        return self._plain_failures + len(self._failing_recipients)
+        self._forget_failing(self._clock())
+        return sum(self._down) + len(self._failing)
 
     @property
     def calls(self) -> int:
-        return self._successes + self.failures
+        return sum(self._ok) + self.failures
 
     def admit(self) -> bool:
         """May a recipient of this route be accepted at RCPT now?"""
-        if self.state is State.CLOSED or not self.policy.enabled:
+        if self.state is State.CLOSED or not self._enabled:
             return True
         now = self._clock()
         if now < self._until:
@@ -126,63 +148,63 @@ class CircuitBreaker:
 
     def record(self, judgement: Judgement) -> None:
         """A delivery of this route ended."""
-        if not self.policy.enabled:
+        if not self._enabled:
             return
-        if self.state is State.OPEN:
-            return  # a delivery that began before it opened: the cool-down stands
-        if self.state is State.HALF_OPEN:  # the first outcome decides
-            if judgement.failed:
-                self._open(f"probe failed: {judgement.why}")
-            else:
-                self._reset()
-                self._set(State.CLOSED, f"probe answered: {judgement.why}")
+        if self.state is not State.CLOSED:
+            self._decide(judgement)
             return
         now = self._clock()
-        self._evict(now)
-        self._add(now, judgement)
+        slot = self._advance(now)
         if not judgement.failed:
+            self._ok[slot] += 1
             return
-        calls, failures = self.calls, self.failures
+        if judgement.recipient is None:
+            self._down[slot] += 1
+        else:
+            self._failing.pop(judgement.recipient, None)  # kept in order of last failure
+            self._failing[judgement.recipient] = now
+            if len(self._failing) > MAX_WINDOW_ENTRIES:
+                del self._failing[next(iter(self._failing))]
+        failures = self.failures
+        calls = sum(self._ok) + failures
         if calls >= self.policy.min_calls and failures >= self.policy.failure_ratio * calls:
             self._open(
                 f"{failures} of {calls} deliveries in {self.policy.window:g} s failed at the "
                 f"endpoint (last: {judgement.why})"
             )
 
-    def _add(self, now: float, judgement: Judgement) -> None:
-        if len(self._window) >= MAX_WINDOW_ENTRIES:
-            self._drop_oldest()
-        key = judgement.recipient
-        self._window.append((now, judgement.failed, key))
-        if not judgement.failed:
-            self._successes += 1
-        elif key is None:
-            self._plain_failures += 1
+    def _decide(self, judgement: Judgement) -> None:
+        if self.state is State.OPEN:
+            return  # a delivery that began before it opened: the cool-down stands
+        if judgement.failed:  # half-open: the first outcome decides
+            self._open(f"probe failed: {judgement.why}")
         else:
-            self._failing_recipients[key] = self._failing_recipients.get(key, 0) + 1
+            self._reset()
+            self._set(State.CLOSED, f"probe answered: {judgement.why}")
 
-    def _evict(self, now: float) -> None:
+    def _advance(self, now: float) -> int:
+        """Move the window to ``now``; the slot of ``now``."""
+        head = int(now // self._width)
+        if head != self._head:
+            for step in range(1, min(head - self._head, BUCKETS) + 1):
+                slot = (self._head + step) % BUCKETS
+                self._ok[slot] = self._down[slot] = 0
+            self._head = head
+        return head % BUCKETS
+
+    def _forget_failing(self, now: float) -> None:
         horizon = now - self.policy.window
-        while self._window and self._window[0][0] <= horizon:
-            self._drop_oldest()
-
-    def _drop_oldest(self) -> None:
-        _, failed, key = self._window.popleft()
-        if not failed:
-            self._successes -= 1
-        elif key is None:
-            self._plain_failures -= 1
-        else:
-            left = self._failing_recipients[key] - 1
-            if left:
-                self._failing_recipients[key] = left
-            else:
-                del self._failing_recipients[key]
+        failing = self._failing
+        while failing:
+            oldest = next(iter(failing))
+            if failing[oldest] > horizon:
+                break
+            del failing[oldest]
 
     def _reset(self) -> None:
-        self._window.clear()
-        self._successes = self._plain_failures = 0
-        self._failing_recipients.clear()
+        self._ok = [0] * BUCKETS
+        self._down = [0] * BUCKETS
+        self._failing.clear()
 
     def _open(self, reason: str) -> None:
         self._reset()
