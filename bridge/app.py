@@ -63,6 +63,7 @@ def server_options(settings: Settings) -> ServerOptions:
         shutdown_grace=settings.shutdown_grace,
         spool_threshold=settings.spool_threshold,
         spool_dir=settings.spool_dir,
+        spool_memory_limit=settings.spool_memory_limit,
         reply_buffer=settings.reply_buffer_size,
         tls=server_context(settings.tls_cert_file, settings.tls_key_file)
         if settings.tls_cert_file

@@ -3,7 +3,8 @@ to a real HTTP receiver. For each message: the reply, each delivered body valid 
 no lone surrogate) with what the case must keep, the bridge's peak RSS (VmHWM) under its RSS
 before + 150 MiB, /healthz (polled all along) never slower than 1 s and a small delivery in
 another session, sent while the hostile one is handled, done within 2 s. Then 100 sessions
-holding 1 MiB of unfinished DATA: the memory is given back once they close.
+holding 1 MiB of unfinished DATA: in memory up to the budget they share, then spooled, and
+given back once they close.
 
 One bridge serves every case (a fresh one costs a start-up per case). About a minute; deselect
 with ``-m "not hostile"``. bench/hostile.py prints the same figures for every case.
@@ -94,7 +95,8 @@ def test_hostile_message(bridge: BridgeProcess, receiver: WebhookServer, case: C
 def test_unfinished_data_is_given_back(bridge: BridgeProcess) -> None:
     held = hold_unfinished_data(bridge, sessions=100)
     print(held.row())
-    assert held.held_mib - held.idle_mib > 50, held.row()  # the DATA was held in memory
+    # in memory up to the budget every session shares (spool_memory_limit, 64 MiB), then spooled
+    assert 50 < held.held_mib - held.idle_mib < 64 + 30, held.row()
     assert held.peak_mib < PEAK_MIB, held.row()
     assert held.after_mib < held.idle_mib + 15, held.row()
     assert held.health_worst < HEALTH_SECONDS, held.row()

@@ -1,13 +1,16 @@
 """bridge.base.memory: freed message memory goes back to the system. In a fresh interpreter,
 100 buffers of 1 MB in 64 KiB pieces (the session's reads), interleaved with objects that stay:
 freed, glibc keeps the pages; ``memory.trim()`` gives them back. The running bridge does it on
-its own (tests/test_hostile.py, unfinished DATA)."""
+its own (tests/test_hostile.py, unfinished DATA). And the budget every session's buffer shares
+(spool_memory_limit): past it, a message goes on in its spool file."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+
+from bridge.base.transaction import MemoryBudget, MessageBuffer
 
 SCRIPT = r"""
 import json
@@ -49,3 +52,23 @@ def test_trim_gives_freed_message_memory_back() -> None:
     assert figures["pending"] >= 100 * 16 * 65000  # each closed buffer said what it freed
     assert figures["held"] - figures["before"] > 90  # the 100 MB were there
     assert figures["after"] < figures["before"] + 10, figures
+
+
+def test_messages_past_the_shared_memory_budget_spool() -> None:
+    budget = MemoryBudget(limit=1000)
+    first = MessageBuffer(1 << 20, budget=budget)
+    first.write(b"x" * 600)
+    assert not first.spooled and budget.used == 600
+    second = MessageBuffer(1 << 20, budget=budget)
+    second.write(b"y" * 300)
+    second.write(b"y" * 300)  # 1,200 > 1,000: this one goes on in a file
+    assert second.spooled and second.getvalue() == b"y" * 600
+    assert budget.used == 600
+    first.close()
+    assert budget.used == 0
+    third = MessageBuffer(1 << 20, budget=budget)
+    third.write(b"z" * 900)
+    assert not third.spooled and budget.used == 900
+    third.close()
+    second.close()
+    assert budget.used == 0

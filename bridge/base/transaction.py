@@ -45,15 +45,30 @@ class Recipient:
     orcpt: str | None = None
 
 
+class MemoryBudget:
+    """Bytes of messages every session together holds in memory (``spool_memory_limit``):
+    1,000 sessions each sending 1 MiB would otherwise hold 1 GiB; past the budget a message
+    goes on in its spool file."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class MessageBuffer:
-    """The message bytes as received: in memory up to a threshold, then in a temporary file.
+    """The message bytes as received: in memory up to a threshold (and while the shared
+    ``budget`` lasts), then in a temporary file.
 
     The SHA-256 of the bytes is kept as they arrive, so delivery ids cost no second pass.
     """
 
-    def __init__(self, spool_threshold: int, spool_dir: str | None = None) -> None:
+    def __init__(
+        self, spool_threshold: int, spool_dir: str | None = None, budget: MemoryBudget | None = None
+    ) -> None:
         self._threshold = spool_threshold
         self._spool_dir = spool_dir
+        self._budget = budget
+        self._counted = 0  # bytes of this message counted in the budget
         self._chunks: list[bytes] = []
         self._file: IO[bytes] | None = None
         self._hash = hashlib.sha256()
@@ -79,12 +94,19 @@ class MessageBuffer:
             self._marked = (self.size - len(data), self.size)
         if self._file is None:
             self._chunks.append(data)
-            if self.size > self._threshold:
+            budget = self._budget
+            if self.size > self._threshold or (
+                budget is not None and budget.used + len(data) > budget.limit
+            ):
                 # closed by close(), which the session calls when the transaction ends
                 self._file = tempfile.TemporaryFile(prefix="lmtp-bridge-", dir=self._spool_dir)  # noqa: SIM115
                 self._file.writelines(self._chunks)
                 self._chunks = []
+                self._uncount()
                 memory.released(self.size)
+            elif budget is not None:
+                budget.used += len(data)
+                self._counted += len(data)
         else:
             self._file.write(data)
 
@@ -147,7 +169,13 @@ class MessageBuffer:
             tail = os.pread(self._file.fileno(), end - start, start)
         return tail.isascii() and b"\x1b" not in tail
 
+    def _uncount(self) -> None:
+        if self._budget is not None:
+            self._budget.used -= self._counted
+        self._counted = 0
+
     def close(self) -> None:
+        self._uncount()
         if self.size >= RELEASE_AT and (self._chunks or self._file is not None):
             memory.released(self.size)  # its bytes, or what its parse held
         self._chunks = []

@@ -345,6 +345,12 @@ class Settings(BaseSettings):
     spool_dir: Annotated[
         str | None, BeforeValidator(_none_if_blank), AfterValidator(_check_dir)
     ] = Field(default=None, description="Directory for spooled messages (default: system temp).")
+    spool_memory_limit: int = Field(
+        default=67108864,
+        ge=0,
+        description="Bytes of messages all sessions together hold in memory while receiving;"
+        " past it, messages spool to files whatever their size.",
+    )
     parse_threads: int = Field(
         default=2,
         gt=0,

@@ -238,9 +238,7 @@ class Deliverer:
         started = time.monotonic()
         outcome: Outcome | None = None
         try:
-            request = await self.content.run(
-                txn.light, self._request, txn, recipient, parsed, did
-            )
+            request = await self.content.run(txn.light, self._request, txn, recipient, parsed, did)
             request = replace(request, log_fields={"delivery_id": did, **txn.log_ids})
             outcome = await self._client.deliver(route, request)
             reply = outcome.reply

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import trio
 
 from bridge.base import sockio
-from bridge.base.transaction import Envelope, MessageBuffer, Recipient
+from bridge.base.transaction import Envelope, MemoryBudget, MessageBuffer, Recipient
 from bridge.delivery.deliverer import Deliverer, Transaction
 from bridge.delivery.routing import Router
 from bridge.delivery.verify import Verifier
@@ -70,6 +70,7 @@ class ServerOptions:
     shutdown_grace: float = 25.0
     spool_threshold: int = 1 << 20
     spool_dir: str | None = None
+    spool_memory_limit: int = 64 << 20  # bytes of messages all sessions hold in memory
     reply_buffer: int = 1 << 20  # octets of unsent replies before the session stops reading
     tls: ssl.SSLContext | None = None  # offer STARTTLS with this server context
 
@@ -92,6 +93,7 @@ class LmtpServer:
         self.drain_deadline = math.inf
         self._sessions: set[Session] = set()
         self._stop_accepting = trio.CancelScope()
+        self.memory_budget = MemoryBudget(options.spool_memory_limit)
 
     def drain(self) -> None:
         """Stop accepting; idle sessions get 421 now, open transactions get the grace period."""
@@ -262,7 +264,9 @@ class Session:
                 self._recipients = []
                 conn.accept()
             elif isinstance(event, MessageStart):
-                self._message = MessageBuffer(self.options.spool_threshold, self.options.spool_dir)
+                self._message = MessageBuffer(
+                    self.options.spool_threshold, self.options.spool_dir, self.server.memory_budget
+                )
             elif isinstance(event, MessageEnd):
                 await self._on_message_end(event)
             elif isinstance(event, MessageAborted):
