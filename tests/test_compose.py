@@ -134,7 +134,11 @@ def test_the_chain_is_wired(compose):
     services = compose["services"]
     postfix = services["postfix"]["environment"]
     assert postfix["POSTFIX_virtual_transport"] == "lmtp:inet:lmtp-bridge:2424"
-    assert postfix["POSTFIX_lmtp_assume_final"] == "yes"
+    assert not [k for k in postfix if "assume_final" in k]  # flags=X in master.cf instead
+    init = ROOT / "deploy" / "postfix-init.d"
+    assert "./deploy/postfix-init.d:/docker-init.d:ro" in services["postfix"]["volumes"]
+    script = (init / "lmtp-final.sh").read_text()
+    assert "postconf -F -e 'lmtp/unix/command = lmtp flags=X'" in script
     assert int(postfix["POSTFIX_lmtp_destination_recipient_limit"]) <= (
         Settings.model_fields["max_recipients"].default
     )

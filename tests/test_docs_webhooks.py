@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
+from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from bridge.base.route import Route
@@ -126,3 +128,23 @@ def test_python_example_answers_a_per_message_delivery_with_verdicts() -> None:
     replies = read_verdicts(text.encode(), False, [r.address for r in rcpts], ok, {})
     assert [str(r)[:9] for r in replies] == ["250 2.0.0", "550 5.1.1"]
     assert example["answer_message"](body, {**headers, "webhook-id": "forged"})[0] == 401
+
+
+README = DOC.parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("tool", ["python3", "openssl"])
+def test_readme_one_liners_make_secrets_that_sign_and_verify(tool: str) -> None:
+    """The README's ways to make a whsec_ secret, run as a user would: the bridge takes the
+    result, and the reference library verifies what the bridge signs with it."""
+    commands = re.findall(r"`((?:python3 -c|echo) [^`]*whsec_[^`]*)`", README.read_text())
+    (command,) = {c for c in commands if c.startswith("python3" if tool == "python3" else "echo")}
+    if tool == "openssl":
+        assert "openssl rand -base64 24" in command
+    made = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert re.fullmatch(r"whsec_[A-Za-z0-9+/]{32}", made), made
+    body = b"\xff binary \x00 body"
+    headers = dict(Signer([made]).headers("msg_abc", [body]))
+    Webhook(made).verify(body, headers, json_parse=False)

@@ -506,6 +506,14 @@ def test_readme_sidecar_examples_fit_the_chart(chart, secret):
         assert "emptyDir" in mounts["/tmp"]
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert postfix_values["config"]["postfix"]["virtual_transport"] == "lmtp:inet:127.0.0.1:2424"
+    # Postfix's container gets flags=X from the ConfigMap's init script (no lmtp_assume_final)
+    (postfix_container,) = native_pod["spec"]["containers"]
+    script = (ROOT / "deploy" / "postfix-init.d" / "lmtp-final.sh").read_text()
+    for mounts in (postfix_values["extraVolumeMounts"], postfix_container["volumeMounts"]):
+        (mount,) = [m for m in mounts if m["mountPath"].startswith("/docker-init.d/")]
+        assert mount["name"] == "lmtp-bridge-config"
+        assert configmap["data"][mount["subPath"]].strip() in script
+    assert "assume_final" not in yaml.safe_dump([postfix_values, native_pod])
     # both are valid Kubernetes: the native sidecar Pod as it is, the extra container in a Pod
     extra_pod = {
         "apiVersion": "v1",

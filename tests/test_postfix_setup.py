@@ -139,3 +139,19 @@ def test_a_transport_table(webhook_server: WebhookServer, tmp_path: Path) -> Non
         "form@hooks.example.net": ("sent", f"pfx.test[{path}]"),
     }
     assert len(webhook_server.requests) == 2
+
+
+def test_the_boky_postfix_init_script_sets_flags_x(tmp_path: Path) -> None:
+    """deploy/postfix-init.d/lmtp-final.sh (compose; the chart's sidecar ConfigMap has the same
+    line) turns a stock lmtp line into the doc's, as boky/postfix runs it before Postfix starts."""
+    (doc_line,) = snippet("# master.cf: the lmtp client")
+    stock = MASTER_CF.replace(doc_line, doc_line.replace(" flags=X", ""))
+    assert stock != MASTER_CF
+    (tmp_path / "master.cf").write_text(stock)
+    (tmp_path / "main.cf").write_text("compatibility_level = 3.6\n")
+    script = DOC.parent.parent / "deploy" / "postfix-init.d" / "lmtp-final.sh"
+    env = {**os.environ, "MAIL_CONFIG": str(tmp_path)}
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=60)
+    postconf = [postfix_tool("postconf"), "-c", str(tmp_path), "-M", "lmtp/unix"]
+    shown = subprocess.run(postconf, capture_output=True, text=True, check=True, timeout=60)
+    assert shown.stdout.split() == doc_line.split()
