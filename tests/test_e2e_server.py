@@ -281,10 +281,15 @@ async def test_oversized_message_gets_552_for_every_recipient(
 ) -> None:
     running = await start_bridge(max_message_size=10000)
     client = await open_session(running)
+    before = await metrics_text(running)
     big = message(body="x" * 70 + ("\r\n" + "y" * 70) * 300)  # about 21 kB
     replies = await transaction(client, ["a@example.org", "b@example.org", "c@example.org"], big)
 
     assert codes(replies) == ["552 5.3.4"] * 3
+    # each of the three counts as an outcome, decided after the data, of its route
+    rejected = {"result": "rejected", "route": "default", "stage": "data"}
+    moved = metric_value(await metrics_text(running), "lmtp_bridge_recipients_total", rejected)
+    assert moved - metric_value(before, "lmtp_bridge_recipients_total", rejected) == 3
     assert (await client.command("NOOP")).code == 250  # the session goes on
     assert codes(await transaction(client, ["d@example.org"], message())) == ["250 2.0.0"]
     assert [r.rcpt for r in webhook_server.requests] == ["d@example.org"]
