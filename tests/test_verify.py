@@ -146,8 +146,10 @@ async def test_definite_answers_map_like_section_4(status: int, expected: tuple[
 async def test_the_451_452_rows_follow_verify_on_error(
     status: int, deferred: tuple[int, str]
 ) -> None:
-    accepted = await verifier_for(answering(status)).verify(route(on_error="accept"), RCPT, SENDER)
+    mock = answering(status)
+    accepted = await verifier_for(mock).verify(route(on_error="accept"), RCPT, SENDER)
     assert accepted == UNVERIFIED
+    assert len(mock.requests) == 1  # never retried in the session (the route allows 2 retries)
     reply = await verifier_for(answering(status)).verify(route(on_error="defer"), RCPT, SENDER)
     assert (reply.code, reply.status) == deferred
 
