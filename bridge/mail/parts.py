@@ -13,6 +13,7 @@ from typing import Any
 from bridge.mail.body import _BodyRef
 from bridge.mail.charsets import Defects, _declared_charset, _decode_text
 from bridge.mail.emailpolicy import _GENERATOR_POLICY
+from bridge.mail.names import FALLBACK_TYPE, checked_content_type, safe_filename
 
 # A payload longer than this many characters is decoded without the stdlib's copies.
 _BIG_PAYLOAD = 64 * 1024
@@ -120,10 +121,19 @@ def _take_part(
     text = None
     if maintype == "text" and is_body:
         text = _decode_text(where, part, content, defects).replace("\r\n", "\n")
+    content_type = checked_content_type(ctype)
+    if content_type is None:  # e.g. an encoded-word hiding "text/html\r\nX-Inj: 1"
+        defects.add(where, f"invalid content type {_shown(ctype)}; taken as {FALLBACK_TYPE}")
+        content_type = FALLBACK_TYPE
+    if filename is not None:
+        safe = safe_filename(filename)
+        if safe != filename:
+            defects.add(where, "control, bidi or format characters in the file name replaced")
+            filename = safe
     attachments.append(
         Attachment(
             filename=filename,
-            content_type=ctype,
+            content_type=content_type,
             disposition=disposition,
             content_id=str(content_id).strip() if content_id is not None else None,
             content=content,
@@ -131,6 +141,12 @@ def _take_part(
             text=text,
         )
     )
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """``value`` quoted for a defect line: escapes for anything unprintable, cut short."""
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _part_bytes(where: str, part: Message, defects: Defects) -> bytes:

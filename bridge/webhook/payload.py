@@ -33,6 +33,7 @@ from typing import Any
 
 from bridge.base.route import split_address, split_extension
 from bridge.base.transaction import Envelope, MessageBuffer, Recipient
+from bridge.mail.names import FALLBACK_TYPE, checked_content_type, safe_filename
 from bridge.mail.parsed import ParsedMessage
 from bridge.webhook.pieces import _dumps, _expand, _Piece, _utf8
 from bridge.webhook.render import raw_pieces, rendered
@@ -287,7 +288,9 @@ def _multipart_body(env: dict[str, Any], parsed: ParsedMessage) -> WebhookBody:
     field("defects", "application/json", [json_message.defects_json()])
     for n, att in enumerate(parsed.attachments, start=1):
         name = f"attachment{n}"
-        field(name, att.content_type, [att.content], att.filename or name)
+        # mail checked both already (with defects); a form part's head is ours to keep whole
+        content_type = checked_content_type(att.content_type) or FALLBACK_TYPE
+        field(name, content_type, [att.content], att.filename or name)
     pieces.append(f"--{boundary}--\r\n".encode("ascii"))
     return _body(f'multipart/form-data; boundary="{boundary}"', [], pieces)
 
@@ -312,5 +315,7 @@ def _address_literal(address: str) -> str:
 
 
 def _form_quote(text: str) -> str:
-    # The WHATWG form encoding: UTF-8 as is, with '"', CR and LF percent-encoded.
+    # The WHATWG form encoding: UTF-8 as is, with '"', CR and LF percent-encoded; no control
+    # or bidi character at all (safe_filename), whatever handed us the name.
+    text = safe_filename(text)
     return text.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
