@@ -196,6 +196,7 @@ def bridge_server(
     transport: str,
     verify: bool = False,
     tree: str = "",
+    per_message: bool = False,
 ) -> Server:
     port = free_port()
     # label@TREE: the bridge of another checkout (before/after in the same run)
@@ -219,7 +220,20 @@ def bridge_server(
     env = {"LMTP_BRIDGE_HTTP_TRANSPORT": transport}
     if verify:  # recipient verification at RCPT, asked of the sink (200); warm after warm_up
         env["LMTP_BRIDGE_VERIFY_URL"] = f"http://127.0.0.1:{sink.port}/verify"
+    if per_message:  # one request per message for all its recipients (SPEC 8)
+        env["LMTP_BRIDGE_DELIVERY"] = "message"
     return Server(label, argv, port, env, tree or None)
+
+
+def go_server(sink: Sink) -> Server:
+    """The Go peer (go-smtp + net/http), when built: GO_PEER names the binary (default
+    /tmp/go-peer/go-peer, what the team's reference harness builds; optional)."""
+    port = free_port()
+    argv = [GO_PEER, "-listen", f"127.0.0.1:{port}", "-url", sink.url]
+    return Server("go", argv, port)
+
+
+GO_PEER = os.environ.get("GO_PEER", "/tmp/go-peer/go-peer")
 
 
 def peer_server(sink: Sink) -> Server:
@@ -355,8 +369,8 @@ def warm_up(server: Server) -> None:
 def report(results: list[Result], workloads: str, labels: list[str]) -> str:
     out = [
         "| wl | server | deliveries/s | msgs/s | p50 ms | p99 ms | CPU s | CPU ms/delivery "
-        "| idle MiB | peak MiB | failed | ratio vs peer (rounds) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| idle MiB | peak MiB | failed | ratio vs peer (rounds) | vs go |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for wl in workloads:
         _sessions, count, rcpts, _size = WORKLOADS[wl]
@@ -378,12 +392,17 @@ def report(results: list[Result], workloads: str, labels: list[str]) -> str:
                 if ratios
                 else "-"
             )
+            gos = [g.deliveries for g in results if g.label == "go" and g.workload == wl]
+            vs_go = "-"
+            if gos and label != "go":  # same-round ratios, as for the peer
+                pairs = [r.deliveries / g for r, g in zip(rows, gos, strict=False)]
+                vs_go = f"{statistics.median(pairs):.2f}x"
             cpu_ms = 1000 * med("cpu") / (count * rcpts)
             out.append(
                 f"| {wl} | {label} | {med('deliveries'):.0f} | {med('messages'):.1f} "
                 f"| {med('p50_ms'):.1f} | {med('p99_ms'):.1f} | {med('cpu'):.2f} | {cpu_ms:.2f} "
                 f"| {med('idle_mib'):.0f} | {med('peak_mib'):.0f} "
-                f"| {sum(r.failed for r in rows)} | {ratio} |"
+                f"| {sum(r.failed for r in rows)} | {ratio} | {vs_go} |"
             )
     return "\n".join(out)
 
@@ -397,8 +416,10 @@ def main() -> int:
         default="json,raw,peer",
         help="comma-separated: json, raw (the bridge with that payload), json-httpx, raw-httpx "
         "(httpx's default transport), json-wN/raw-wN (--workers N), json-verify/raw-verify "
-        "(verify_url at the sink: recipient verification with a warm cache), peer; any bridge"
-        " label@DIR: the bridge of the checkout in DIR (json@/tmp/main: before/after in one run)",
+        "(verify_url at the sink: recipient verification with a warm cache), json-msg/raw-msg "
+        "(delivery = message: one request per message), peer, go (the Go peer, if built); any "
+        "bridge label@DIR: the bridge of the checkout in DIR (json@/tmp/main: before/after in "
+        "one run)",
     )
     ap.add_argument("--out", default="/tmp/lmtp-bench-results.json")
     args = ap.parse_args()
@@ -416,13 +437,22 @@ def main() -> int:
             for label in labels:
                 if label == "peer":
                     server = peer_server(sink)
+                elif label == "go":
+                    server = go_server(sink)
                 else:
                     name, _, tree = label.partition("@")
                     payload, _, rest = name.partition("-")
                     transport = "httpx" if rest == "httpx" else "h11"
                     workers = int(rest[1:]) if rest.startswith("w") else 1
                     server = bridge_server(
-                        label, sink, payload, workers, transport, rest == "verify", tree
+                        label,
+                        sink,
+                        payload,
+                        workers,
+                        transport,
+                        verify=rest == "verify",
+                        tree=tree,
+                        per_message=rest == "msg",
                     )
                 server.start()
                 try:
