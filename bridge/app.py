@@ -154,6 +154,7 @@ async def run(
             trusted_authserv_ids=settings.trusted_authserv_ids,
             max_verdicts_size=settings.max_verdicts_size,
             parse_threads=settings.parse_threads,
+            parse_limits=settings.parse_limits,
         )
         verifier = Verifier(
             client,

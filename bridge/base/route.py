@@ -34,6 +34,9 @@ class Route:
     # "recipient": one request per recipient; "message": one request for all of this route's
     # recipients of a message, answered with per-recipient verdicts (SPEC section 8)
     delivery: str = "recipient"
+    # A message past a parse limit (bridge.mail.limits): "deliver" what was parsed within the
+    # limits (defects name them), or "reject" it with 554 5.6.0. Raw payloads are not parsed.
+    on_parse_limit: str = "deliver"
 
     def url_for(self, address: str, delimiter: str = "+") -> str:
         """The URL for one recipient: placeholders filled in, each value percent-encoded."""

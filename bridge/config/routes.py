@@ -30,6 +30,7 @@ def build_router(settings: Settings) -> Router:
             verify_timeout=settings.verify_timeout,
             verify_on_error=settings.verify_on_error,
             delivery=settings.delivery,
+            on_parse_limit=settings.on_parse_limit,
         )
     return Router(routes, default, delimiter=settings.recipient_delimiter)
 
@@ -55,6 +56,7 @@ def _resolve(settings: Settings, rc: RouteConfig) -> Route:
         verify_timeout=settings.verify_timeout if rc.verify_timeout is None else rc.verify_timeout,
         verify_on_error=rc.verify_on_error or settings.verify_on_error,
         delivery=rc.delivery or settings.delivery,
+        on_parse_limit=rc.on_parse_limit or settings.on_parse_limit,
     )
 
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from bridge.base.listen import ListenAddress, parse_listen
 from bridge.base.route import check_url_template
 from bridge.delivery.routing import compile_match
+from bridge.mail.limits import DEFAULT_LIMITS, ParseLimits
 from bridge.server.cpus import available_cpus
 from bridge.webhook.signing import parse_secret
 
@@ -224,6 +226,7 @@ Payload = Annotated[Literal["json", "raw", "multipart"], BeforeValidator(_lower)
 Delivery = Annotated[Literal["recipient", "message"], BeforeValidator(_lower)]
 BoolOrPath = Annotated[bool | str, BeforeValidator(_check_bool_or_path)]
 VerifyOnError = Annotated[Literal["accept", "defer"], BeforeValidator(_lower)]
+OnParseLimit = Annotated[Literal["deliver", "reject"], BeforeValidator(_lower)]
 
 
 class RouteConfig(BaseModel):
@@ -267,6 +270,9 @@ class RouteConfig(BaseModel):
     )
     delivery: Delivery | None = Field(
         default=None, description="recipient: one request per recipient; message: one per message."
+    )
+    on_parse_limit: OnParseLimit | None = Field(
+        default=None, description="deliver or reject a message past a parse limit."
     )
 
     @field_validator("name")
@@ -505,6 +511,53 @@ class Settings(BaseSettings):
         validate_default=True,
         description="PEM certificate chain for STARTTLS (may hold the key); unset: no STARTTLS.",
     )
+    # The content side: how much of a message the json/multipart payloads parse (ParseLimits).
+    max_header_block_bytes: int = Field(
+        default=DEFAULT_LIMITS.max_header_block_bytes,
+        gt=0,
+        description="Bytes of one header block (the message's or a MIME part's) parsed; "
+        "the fields after it are left out.",
+    )
+    max_header_count: int = Field(
+        default=DEFAULT_LIMITS.max_header_count,
+        gt=0,
+        description="Header fields of one header block parsed; the rest are left out.",
+    )
+    max_header_bytes: int = Field(
+        default=DEFAULT_LIMITS.max_header_bytes,
+        gt=0,
+        description="Characters of one header field, unfolded, parsed; the rest is cut.",
+    )
+    max_encoded_words: int = Field(
+        default=DEFAULT_LIMITS.max_encoded_words,
+        ge=0,
+        description="RFC 2047 encoded-words decoded in one header field; later ones stay encoded.",
+    )
+    max_addresses_per_header: int = Field(
+        default=DEFAULT_LIMITS.max_addresses_per_header,
+        gt=0,
+        description="Mailboxes read from one address header (From, To, Cc, ...).",
+    )
+    max_mime_parts: int = Field(
+        default=DEFAULT_LIMITS.max_mime_parts,
+        gt=0,
+        description="MIME parts (multiparts included) parsed; the rest of the message is not.",
+    )
+    max_mime_depth: int = Field(
+        default=DEFAULT_LIMITS.max_mime_depth,
+        gt=0,
+        description="Multipart and message/* nesting parsed; deeper parts are not.",
+    )
+    parse_cpu_budget: float = Field(
+        default=DEFAULT_LIMITS.parse_cpu_budget,
+        gt=0,
+        description="CPU seconds for parsing one message; what is not parsed by then is left out.",
+    )
+    on_parse_limit: OnParseLimit = Field(
+        default="deliver",
+        description="A message past a parse limit: deliver what was parsed (defects name the "
+        "limit) or reject it (554 5.6.0).",
+    )
     reply_buffer_size: int = Field(
         default=1048576,
         ge=4096,
@@ -606,6 +659,12 @@ class Settings(BaseSettings):
     @property
     def unix_socket_permissions(self) -> int:
         return int(self.unix_socket_mode, 8)
+
+    @property
+    def parse_limits(self) -> ParseLimits:
+        return ParseLimits(
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(ParseLimits)}
+        )
 
 
 FIELDS = tuple(Settings.model_fields)

@@ -20,6 +20,7 @@ from bridge.base.transaction import Envelope, MessageBuffer, Recipient
 from bridge.delivery.breaker import Breakers, judge
 from bridge.delivery.content import ContentWork, is_light
 from bridge.lmtp.events import Reply
+from bridge.mail.limits import DEFAULT_LIMITS, ParseLimits
 from bridge.mail.logids import MAX_HEAD_SCAN, log_id, message_id_for_log
 from bridge.mail.parsed import ParsedMessage
 from bridge.ops import metrics
@@ -37,6 +38,8 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again la
 ADDRESS_STEERS_URL = Reply(
     553, "5.1.3", "Mailbox name not allowed: it would leave a webhook path segment empty or a dot"
 )
+# RFC 3463 5.6.0: other or undefined media error (a route with on_parse_limit = "reject").
+PARSE_LIMIT_REFUSED = "refused"  # "refused msg_...: past the parse limit max_mime_parts"
 
 
 @dataclass(slots=True)
@@ -67,6 +70,7 @@ class Deliverer:
         trusted_authserv_ids: Sequence[str] = (),
         max_verdicts_size: int = 1 << 20,
         parse_threads: int = 2,
+        parse_limits: ParseLimits = DEFAULT_LIMITS,
     ):
         self._client = client
         self._hostname = hostname
@@ -77,6 +81,7 @@ class Deliverer:
         self._trusted = tuple(trusted_authserv_ids)
         self._max_verdicts = max_verdicts_size
         self.content = ContentWork(parse_threads)
+        self._limits = parse_limits
 
     def admit(self, route: Route) -> Reply | None:
         """At RCPT: None to accept a recipient of ``route``, or the reply that defers it
@@ -157,13 +162,16 @@ class Deliverer:
             return None
         # Read from the buffer: a spooled message's text is decoded and escaped into a
         # temporary file, never held whole (ParsedMessage.from_buffer, then its rendering).
-        return await self.content.run(txn.light, _parse, txn.message, self._trusted)
+        return await self.content.run(txn.light, _parse, txn.message, self._trusted, self._limits)
 
     async def _deliver_request(
         self, txn: Transaction, recipients: list[Recipient], parsed: ParsedMessage | None
     ) -> list[Reply]:
         """The replies of one request: one recipient's, or a per-message route's recipients'."""
-        if recipients[0].route.delivery == "message":
+        route = recipients[0].route
+        if parsed is not None and parsed.limits_hit and _refuses_past_limits(route):
+            return [self._refuse(txn, r, parsed) for r in recipients]
+        if route.delivery == "message":
             return await self._deliver_message(txn, recipients, parsed)
         return [await self._deliver_one(txn, recipients[0], parsed)]
 
@@ -229,6 +237,23 @@ class Deliverer:
         for recipient, rid, reply in zip(recipients, ids, replies, strict=True):
             self._log_outcome(txn, recipient, rid, reply, outcome, started, request_id)
         return replies
+
+    def _refuse(self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage) -> Reply:
+        """554 5.6.0 for a recipient whose route rejects messages past a parse limit."""
+        did = delivery_id(txn.message.digest(), recipient.address)
+        names = ", ".join(parsed.limits_hit)
+        reply = Reply(554, "5.6.0", f"{PARSE_LIMIT_REFUSED} {did}: past the parse limit {names}")
+        log_event(
+            log,
+            logging.WARNING,
+            "recipient rejected",
+            delivery_id=did,
+            route=recipient.route.name,
+            error="parse_limit",
+            limits=list(parsed.limits_hit),
+            reply=str(reply),
+        )
+        return reply
 
     async def _deliver_one(
         self, txn: Transaction, recipient: Recipient, parsed: ParsedMessage | None
@@ -370,10 +395,12 @@ class Deliverer:
         return signer
 
 
-def _parse(message: MessageBuffer, trusted: tuple[str, ...]) -> ParsedMessage:
+def _parse(
+    message: MessageBuffer, trusted: tuple[str, ...], limits: ParseLimits = DEFAULT_LIMITS
+) -> ParsedMessage:
     """The message parsed, and rendered once for every recipient's body (json and multipart
     share it): both the heavy part of a big message, done together off the event loop."""
-    parsed = ParsedMessage.from_buffer(message, trusted)
+    parsed = ParsedMessage.from_buffer(message, trusted, limits)
     try:
         rendered(parsed)
     except Exception:  # build_body meets it again for each recipient, which answers 451
@@ -395,3 +422,9 @@ def _requests(recipients: list[Recipient]) -> list[list[int]]:
         else:
             requests.append(by_route.setdefault(route.name, [i]))
     return requests
+
+
+def _refuses_past_limits(route: Route) -> bool:
+    """The route rejects a message past a parse limit; a raw payload does not use the parse,
+    so its route never refuses for it."""
+    return route.on_parse_limit == "reject" and route.payload != "raw"

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bridge.base.transaction import READ_CHUNK, MessageBuffer
-from bridge.mail.charsets import CHARSET_ALIASES, UNDECLARED, Defects
+from bridge.mail.charsets import UNDECLARED, Defects, text_codec
 
 # Registered by bridge.mail.charsets: cp1252, with Latin-1 for the five bytes it leaves undefined.
 LATIN1_FALLBACK = "bridge-latin1-fallback"
@@ -184,13 +184,10 @@ def _decide(scan: _Scan, charset: str | None) -> _Choice | None:
     """What charsets._decode_text decides; None when we cannot match it piece by piece."""
     if charset is None or charset in UNDECLARED:
         return _guess(scan, [])
-    try:
-        codec = codecs.lookup(CHARSET_ALIASES.get(charset, charset)).name
-    except LookupError:
+    codec = text_codec(charset)
+    if codec is None:  # unknown, or no text charset (base64, punycode, ...)
         note = f"unknown charset {charset!r}; decoded as UTF-8 or Windows-1252"
         return _guess(scan, [note])
-    except Exception:  # e.g. ValueError for a NUL in the name: _decode_text raises it too
-        return None
     if codec == "utf-8":
         try:
             scan.check("utf-8")

@@ -5,6 +5,8 @@ else a guess (UTF-8, ISO-2022-JP, Windows-1252); and the parse's list of defects
 from __future__ import annotations
 
 import codecs
+import functools
+import re
 from collections.abc import Iterable
 from email.message import Message
 
@@ -35,6 +37,18 @@ CHARSET_ALIASES = {
 }
 
 UNDECLARED = frozenset({"us-ascii", "ascii", "unknown-8bit", "x-unknown", "unknown", "default"})
+
+# Python codecs that are no text charset a mail may declare: transforms (base64, zlib, ...)
+# have _is_text_encoding false; these others read as text but are not one. Declared on a text
+# part, they would empty or mangle it (punycode is also quadratic), so the part is read as an
+# unknown charset is.
+NOT_CHARSETS = frozenset(
+    {"punycode", "idna", "undefined", "unicode-escape", "raw-unicode-escape", "charmap"}
+)
+# Lone surrogates (and halves of pairs written as two code points): RFC 8259 8.2.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Decoders that never give a surrogate: their texts need no scan.
+_NO_SURROGATES = frozenset({"utf-8", "ascii", "cp1252", "iso8859-1"})
 
 
 class Defects:
@@ -67,25 +81,49 @@ def _declared_charset(part: Message) -> str | None:
     return text or None
 
 
+@functools.lru_cache(maxsize=256)  # charset names are the sender's choice: bounded
+def text_codec(charset: str) -> str | None:
+    """The Python codec that reads the declared ``charset`` as mail clients do; None when it
+    is unknown or not a text charset (base64, zlib, punycode, ...)."""
+    try:
+        info = codecs.lookup(CHARSET_ALIASES.get(charset, charset))
+    except Exception:  # LookupError; ValueError for a NUL in the name
+        return None
+    if not getattr(info, "_is_text_encoding", True) or info.name in NOT_CHARSETS:
+        return None
+    return info.name
+
+
 def _decode_text(where: str, part: Message, content: bytes, defects: Defects) -> str:
     """A text part as Unicode: its declared charset (read as mail clients do), else a guess."""
     charset = _declared_charset(part)
     if charset is None or charset in UNDECLARED:
         return _decode_8bit(content)
-    try:
-        codec = codecs.lookup(CHARSET_ALIASES.get(charset, charset))
-    except LookupError:
+    codec = text_codec(charset)
+    if codec is None:
         defects.add(where, f"unknown charset {charset!r}; decoded as UTF-8 or Windows-1252")
         return _decode_8bit(content)
     try:
-        return content.decode(codec.name)
+        text = content.decode(codec)
     except UnicodeDecodeError:
-        if codec.name == "utf-8":
+        if codec == "utf-8":
             # Mislabelled mail is common; an 8-bit legacy text is a better guess than U+FFFD.
             defects.add(where, "text is not valid utf-8 as declared; decoded as Windows-1252")
             return _decode_cp1252(content)
         defects.add(where, f"text is not valid {charset}; undecodable bytes replaced")
-        return content.decode(codec.name, "replace")
+        text = content.decode(codec, "replace")
+    if codec in _NO_SURROGATES:
+        return text
+    return scrub(where, text, defects)
+
+
+def scrub(where: str, text: str, defects: Defects) -> str:
+    """``text`` with every lone surrogate made U+FFFD (a pair written as two code points made
+    one character), a defect saying so: JSON strings must be Unicode (RFC 8259 8.2)."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    defects.add(where, "text held lone surrogates; replaced with U+FFFD")
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _decode_8bit(data: bytes) -> str:

@@ -4,16 +4,25 @@ registry that builds each header class once, and the feed parser fed in slices.
 
 from __future__ import annotations
 
+import functools
+import re
+from email import feedparser
 from email.feedparser import BytesFeedParser
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import AddressHeader, HeaderRegistry, UnstructuredHeader
 from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
+from bridge.mail import limits as parse_limits
 from bridge.mail.charsets import _decode_8bit
+from bridge.mail.linear import cheap_mailbox, decode_words, simple_mailbox, split_addresses, unfold
 
-# Memory: the parser is fed this many bytes at a time (never the whole message as one str).
-_FEED = 64 * 1024
+# Memory: the parser is fed this many bytes at a time (never the whole message as one str);
+# the limits are checked after each.
+_FEED = 16 * 1024
+# A line the feed parser takes as part of a header block (its headerRE).
+_HEADER_LINE = re.compile(r"^(From |[\041-\071\073-\176]*:|[\t ])")
+_BufferedSubFile: Any = getattr(feedparser, "BufferedSubFile")  # noqa: B009 (not in the stubs)
 
 
 class _MailPolicy(EmailPolicy):
@@ -30,6 +39,22 @@ class _MailPolicy(EmailPolicy):
         return name, value
 
     def header_fetch_parse(self, name: str, value: str) -> Any:
+        if hasattr(value, "name"):  # a header object already: returned as it is
+            return value
+        state = parse_limits.current()
+        key = (name, value)
+        found = state.headers.get(key)
+        if found is None:
+            found = self._fetch_bounded(name, value, state)
+            if len(state.headers) < _CACHED_HEADERS:
+                state.headers[key] = found
+        return found
+
+    def _fetch_bounded(self, name: str, value: str, state: parse_limits.ParseState) -> Any:
+        bounded = _bounded(name, value, state)
+        if not isinstance(bounded, str):
+            return bounded
+        value = bounded
         try:
             return super().header_fetch_parse(name, value)
         except Exception:
@@ -63,6 +88,116 @@ class _Registry(HeaderRegistry):
         return cls
 
 
+# --- what the stdlib header parser is given ----------------------------------------------
+# Its parsers copy the rest of the value for each token: a Subject of 16,000 encoded-words
+# took 2.5 GiB, a To: of 25,000 addresses with a comment 10-33 s. Values past these sizes
+# take the linear readers (bridge/mail/linear.py) instead; the limits (ParseLimits) say how
+# much of a value is read at all. Below them the stdlib costs a few ms at most.
+_STDLIB_CHARS = 8 * 1024  # a value longer than this never goes to the stdlib whole
+_STDLIB_WORDS = 32  # nor one with more encoded-words ("=?") than this
+_STDLIB_ADDRESS_CHARS = 2 * 1024  # nor an address list longer than this (~0.1 ms an address)
+_ITEM_CHARS = 1024  # one mailbox of a long list: the stdlib reads it up to this size
+_CACHED_HEADERS = 4096  # header objects kept for reuse within one message's parse
+
+
+class _LinearHeader(str):
+    """A header read by the linear readers: its text, with the attributes the parse reads."""
+
+    name: str
+    defects: tuple[Exception, ...] = ()
+    addresses: tuple[Any, ...] = ()
+
+
+def _linear_header(name: str, text: str, addresses: tuple[Any, ...] = ()) -> _LinearHeader:
+    header = _LinearHeader(text)
+    header.name = name
+    header.addresses = addresses
+    return header
+
+
+@functools.lru_cache(maxsize=1024)  # header names are the sender's choice: bounded
+def header_kind(name: str) -> str:
+    """ "text" (unstructured), "address" or "other" (the structured rest) for a header name."""
+    cls = _HEADER_CLASSES[name]
+    if issubclass(cls, UnstructuredHeader):
+        return "text"
+    if issubclass(cls, AddressHeader):
+        return "address"
+    return "other"
+
+
+def _bounded(name: str, value: str, state: parse_limits.ParseState) -> str | _LinearHeader:
+    """The value the stdlib may parse (cut to max_header_bytes), or the header read without
+    it when it is too long or has too many encoded-words for the stdlib's parsers."""
+    limits = state.limits
+    value = unfold(value)
+    if len(value) > limits.max_header_bytes:
+        state.hit(
+            name,
+            "max_header_bytes",
+            f"{len(value)} characters cut to {limits.max_header_bytes}",
+        )
+        value = value[: limits.max_header_bytes]
+    words = value.count("=?")
+    kind = header_kind(name)
+    if kind == "address":
+        if (
+            len(value) > _STDLIB_ADDRESS_CHARS
+            or words > _STDLIB_WORDS
+            or value.count(",") >= limits.max_addresses_per_header
+        ):
+            return _address_header(name, value, state)
+        return value
+    if len(value) <= _STDLIB_CHARS and words <= _STDLIB_WORDS:
+        return value
+    if kind == "text":
+        return _linear_header(name, _decoded(name, value, state))
+    # A structured header (Content-Type, ...) this long or with this many encoded-words is
+    # hostile: the parameters that fit within both bounds are read, the rest is cut.
+    cut = value[:_STDLIB_CHARS]
+    if words > _STDLIB_WORDS:
+        at = -1
+        for _ in range(_STDLIB_WORDS + 1):
+            at = cut.find("=?", at + 1)
+        cut = cut[:at]
+    state.note(name, f"{len(value)} characters: only the first {len(cut)} read")
+    return cut.rpartition(";")[0] or cut
+
+
+def _decoded(name: str, value: str, state: parse_limits.ParseState) -> str:
+    most = state.limits.max_encoded_words
+    text, left = decode_words(value, most)
+    if left:
+        state.hit(name, "max_encoded_words", f"{left} more left undecoded")
+    return text
+
+
+def _address_header(name: str, value: str, state: parse_limits.ParseState) -> _LinearHeader:
+    """An address list read one mailbox at a time (the plain ones by a regex)."""
+    most = state.limits.max_addresses_per_header
+    items, more = split_addresses(value, most)
+    if more:
+        state.hit(name, "max_addresses_per_header", "the addresses after it are not read")
+    addresses: list[Any] = []
+    for i, item in enumerate(items):
+        if i % 64 == 63 and state.out_of_time(name):
+            break
+        address = simple_mailbox(item)
+        if address is None and len(item) <= _ITEM_CHARS and item.count("=?") <= _STDLIB_WORDS:
+            try:
+                found = getattr(_HEADER_CLASSES(name, item), "addresses", ())
+            except Exception:  # the stdlib fails on some hostile input
+                found = ()
+            addresses.extend(found)
+            continue
+        if address is None:
+            address = cheap_mailbox(item, lambda text: _decoded(name, text, state))
+        if address is not None:
+            addresses.append(address)
+    text = ", ".join(str(a) for a in addresses)
+    return _linear_header(name, text, tuple(addresses))
+
+
 _UNSTRUCTURED = _Registry(use_default_map=False)
 _HEADER_CLASSES = _Registry()
 _POLICY = _MailPolicy(header_factory=_HEADER_CLASSES)
@@ -71,9 +206,91 @@ _GENERATOR_POLICY = _POLICY.clone(linesep="\r\n", utf8=True)
 
 
 def _feed(data: bytes) -> Message:
-    # As BytesParser.parsebytes(), which first decodes the whole message into one str.
-    parser = BytesFeedParser(policy=_POLICY)
+    # As BytesParser.parsebytes(), which first decodes the whole message into one str; fed
+    # a slice at a time, and no more once a limit says the rest is not read.
+    state = parse_limits.current()
+    parser = _BoundedParser(state)
     view = memoryview(data)
     for i in range(0, len(view), _FEED):
         parser.feed(bytes(view[i : i + _FEED]))
+        if parser.stop is not None or state.out_of_time("message"):
+            if parser.stop is not None:
+                state.hit(parser.stop[0], parser.stop[1], "the rest of the message is not read")
+            break
     return parser.close()
+
+
+# The header-like lines of a header block past its limits are handed to the parser as this
+# one shared line: the feed parser keeps every line of a block until its end, and a block of
+# millions of tiny header lines would cost ~60 bytes each, not 8.
+_PLACEHOLDER = " \n"
+
+
+class _BoundedParser(BytesFeedParser):
+    """The stdlib feed parser, its header blocks, MIME parts and nesting bounded by the
+    ParseLimits: a block's fields past its limits are dropped; past the parts or the depth it
+    asks (``stop``) to be fed no more."""
+
+    def __init__(self, state: parse_limits.ParseState) -> None:
+        self._state = state
+        self._limits = state.limits
+        self._parts = 0
+        self.stop: tuple[str, str] | None = None  # (where, setting) of the limit reached
+        self.in_headers = False
+        self.header_fields = 0
+        self.header_bytes = 0
+        super().__init__(self._message, policy=_POLICY)
+        self._parts = 0  # the constructor calls the factory once, to try it
+        # The parser's line source, swapped for one that counts a header block's lines: the
+        # loop that collects them is inside the stdlib's parser generator.
+        self._input = _BoundedLines(self)
+
+    def _message(self, policy: Any = None) -> Message:
+        self._parts += 1
+        depth = len(getattr(self, "_msgstack", ())) + 1
+        if self._parts > self._limits.max_mime_parts:
+            self.stop = self.stop or ("message", "max_mime_parts")
+        elif depth > self._limits.max_mime_depth + 1:
+            self.stop = self.stop or ("message", "max_mime_depth")
+        self.in_headers = True
+        self.header_fields = self.header_bytes = 0
+        return _POLICY.message_factory(policy=policy or _POLICY)  # type: ignore[misc]
+
+    def over_header_limits(self, line: str) -> bool:
+        """Count one header-block line; True when it is past the block's limits."""
+        if line[:1] not in (" ", "\t"):
+            self.header_fields += 1
+        self.header_bytes += len(line)
+        return (
+            self.header_fields > self._limits.max_header_count
+            or self.header_bytes > self._limits.max_header_block_bytes
+        )
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        self.in_headers = False
+        if lines and lines[-1] is _PLACEHOLDER:
+            keep = lines.index(_PLACEHOLDER)
+            where = "message" if len(getattr(self, "_msgstack", ())) <= 1 else "a MIME part"
+            if self.header_fields > self._limits.max_header_count:
+                setting = "max_header_count"
+            else:
+                setting = "max_header_block_bytes"
+            self._state.hit(where, setting, f"{len(lines) - keep} header lines not read")
+            del lines[keep:]
+        super()._parse_headers(lines)  # type: ignore[misc]
+
+
+class _BoundedLines(_BufferedSubFile):  # type: ignore[misc]
+    """The feed parser's line buffer; while it reads a header block, the lines past the
+    block's limits come out as _PLACEHOLDER."""
+
+    def __init__(self, parser: _BoundedParser) -> None:
+        super().__init__()
+        self._parser = parser
+
+    def readline(self) -> Any:
+        line = super().readline()
+        parser = self._parser
+        if not parser.in_headers or type(line) is not str or not _HEADER_LINE.match(line):
+            return line
+        return _PLACEHOLDER if parser.over_header_limits(line) else line

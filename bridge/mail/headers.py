@@ -20,17 +20,35 @@ from email.message import Message
 from typing import Any
 
 from bridge.mail.emailpolicy import _HEADER_CLASSES, _POLICY
+from bridge.mail.limits import ParseState, current
+from bridge.mail.linear import _DOT_ATOM, _SIMPLE_MAILBOX
 
 _MSGID = re.compile(r"<[^<>]*>")
 
 
-def _parsed_headers(msg: Message) -> list[tuple[str, Any]]:
-    """Every header in order, decoded; a header the library cannot parse stays a plain str."""
+def _parsed_headers(msg: Message, state: ParseState | None = None) -> list[tuple[str, Any]]:
+    """The headers in order, decoded, as many as the limits let in; a header the library
+    cannot parse stays a plain str."""
+    state = state or current()
+    limits = state.limits
     out: list[tuple[str, Any]] = []
-    for name, raw in msg.raw_items():
+    items = list(msg.raw_items())
+    size = 0
+    for i, (name, raw) in enumerate(items):
+        if i >= limits.max_header_count:
+            more = len(items) - i
+            state.hit("message", "max_header_count", f"{more} more header fields not read")
+            break
+        size += len(name) + len(raw) + 4  # "Name: value\r\n", about
+        if size > limits.max_header_block_bytes:
+            more = len(items) - i
+            state.hit("message", "max_header_block_bytes", f"{more} header fields not read")
+            break
+        if i % 16 == 15 and state.out_of_time("message"):
+            break
         value: Any = None
-        if _FAST_HEADERS and type(raw) is str:
-            value = _fast_header(name, raw)
+        if _FAST_HEADERS and type(raw) is str and len(raw) <= limits.max_header_bytes:
+            value = _fast_header(name, raw, limits.max_addresses_per_header)
         if value is None:
             try:
                 value = _POLICY.header_fetch_parse(name, raw)
@@ -49,14 +67,6 @@ def _parsed_headers(msg: Message) -> list[tuple[str, Any]]:
 
 _FAST_HEADERS = True  # off: every header through the stdlib (the differential tests)
 
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext, ASCII only
-_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
-# One mailbox of a list: "local@domain", "<local@domain>" or "Atom Words <local@domain>",
-# then "," or the end (the last group).
-_SIMPLE_MAILBOX = re.compile(
-    rf"[ \t]*(?:({_DOT_ATOM})@({_DOT_ATOM})"
-    rf"|((?:{_ATEXT}[ \t]+)*{_ATEXT})?[ \t]*<({_DOT_ATOM})@({_DOT_ATOM})>)[ \t]*(,|\Z)"
-)
 _SIMPLE_MSGID = re.compile(rf"[ \t]*<{_DOT_ATOM}@{_DOT_ATOM}>[ \t]*")
 
 
@@ -102,8 +112,9 @@ def _header_kind(name: str) -> str | None:
     return None  # the MIME headers: parameters, RFC 2231, ...
 
 
-def _fast_header(name: str, raw: str) -> Any:
-    """What ``_POLICY.header_fetch_parse(name, raw)`` gives, or None when not certain."""
+def _fast_header(name: str, raw: str, most_addresses: int = 1 << 30) -> Any:
+    """What ``_POLICY.header_fetch_parse(name, raw)`` gives, or None when not certain (or
+    when an address list has more than ``most_addresses``: the long way cuts it)."""
     kind = _header_kind(name)
     if kind is None:
         return None
@@ -127,15 +138,15 @@ def _fast_header(name: str, raw: str) -> Any:
     if kind == "msgid":
         # A plain str: a message-id header offers nothing more than its text and defects.
         return value if _SIMPLE_MSGID.fullmatch(value) else None
-    return _simple_address_header(value)
+    return _simple_address_header(value, most_addresses)
 
 
-def _simple_address_header(value: str) -> _FastAddressHeader | None:
+def _simple_address_header(value: str, most: int) -> _FastAddressHeader | None:
     addresses: list[Address] = []
     pos = 0
     while True:
         m = _SIMPLE_MAILBOX.match(value, pos)
-        if m is None:
+        if m is None or len(addresses) >= most:
             return None
         local, domain, name, angle_local, angle_domain, sep = m.groups()
         if local is None:

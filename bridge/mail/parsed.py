@@ -10,12 +10,14 @@ from email.message import Message
 from typing import Any, TypeVar, cast
 
 from bridge.base.transaction import MessageBuffer
+from bridge.mail import limits as parse_limits
 from bridge.mail.authresults import auth_verdicts
 from bridge.mail.body import _body_of, _buffer_head, _head_only
 from bridge.mail.bodytext import BodyText
-from bridge.mail.charsets import Defects, _decode_8bit
+from bridge.mail.charsets import Defects, _decode_8bit, scrub
 from bridge.mail.emailpolicy import _feed
 from bridge.mail.headers import _addresses, _date, _first_text, _msgids, _parsed_headers
+from bridge.mail.limits import DEFAULT_LIMITS, ParseLimits, ParseState
 from bridge.mail.parts import Attachment, _leaves, _take_part
 
 # The body fast path is bridge/mail/body.py; tests/test_payload_bodyfast.py holds the JSON and
@@ -46,7 +48,11 @@ class ParsedMessage:
     """
 
     def __init__(
-        self, fields: dict[str, Any], attachments: list[Attachment], defects: list[str]
+        self,
+        fields: dict[str, Any],
+        attachments: list[Attachment],
+        defects: list[str],
+        limits_hit: Iterable[str] = (),
     ) -> None:
         # fields: the "message" object without "attachments" (those are kept as Attachment);
         # "text" and "html" are a str, None or a BodyText.
@@ -54,50 +60,82 @@ class ParsedMessage:
         self.attachments = attachments
         self.defects = defects
         self._kept: dict[object, Any] = {}
+        # The ParseLimits fields (setting names) this message reached; each has a defect line.
+        self.limits_hit = tuple(sorted(set(limits_hit)))
 
     @classmethod
-    def parse(cls, data: bytes, trusted_authserv_ids: Iterable[str] = ()) -> ParsedMessage:
+    def parse(
+        cls,
+        data: bytes,
+        trusted_authserv_ids: Iterable[str] = (),
+        limits: ParseLimits = DEFAULT_LIMITS,
+    ) -> ParsedMessage:
         """Parse the message bytes; broken MIME gives what could be decoded plus defects.
 
         ``message.auth`` holds the verdicts of ``Authentication-Results`` headers whose
-        authserv-id is in ``trusted_authserv_ids``; null when there is none.
+        authserv-id is in ``trusted_authserv_ids``; null when there is none. Past one of the
+        ``limits`` the rest of that header, header block or MIME tree is not read: a defect
+        names the limit, and ``limits_hit`` lists it.
         """
+        state = ParseState.start(limits)
+        token = parse_limits.begin(state)
         try:
-            return cls._parse(data, tuple(trusted_authserv_ids))
+            return cls._parse_bounded(data, tuple(trusted_authserv_ids), state)
+        finally:
+            parse_limits.end(token)
+
+    @classmethod
+    def _parse_bounded(
+        cls, data: bytes, trusted: tuple[str, ...], state: ParseState
+    ) -> ParsedMessage:
+        try:
+            return cls._parse(data, trusted, state)
         except Exception as exc:  # a parser bug must not cost the message: fall back to text
             fields = _empty_fields()
-            fields["text"] = _decode_8bit(data)
-            return cls(fields, [], [f"ParserError: {type(exc).__name__}: {exc}"])
+            defects = Defects()
+            fields["text"] = scrub("message", _decode_8bit(data), defects)
+            lines = [f"ParserError: {type(exc).__name__}: {exc}", *defects.items]
+            return cls(fields, [], lines, state.names)
 
     @classmethod
     def from_buffer(
-        cls, message: MessageBuffer, trusted_authserv_ids: Iterable[str] = ()
+        cls,
+        message: MessageBuffer,
+        trusted_authserv_ids: Iterable[str] = (),
+        limits: ParseLimits = DEFAULT_LIMITS,
     ) -> ParsedMessage:
         """``parse`` of the buffer's bytes, the same fields, but the single-part text body of a
         spooled message (or one over _SPOOL_TEXT_MIN) stays in the buffer, a ``BodyText``: a
         spooled message is never read whole. The caller calls ``close()`` when done with the
         bodies."""
         trusted = tuple(trusted_authserv_ids)
-        if _SPOOL_TEXT and _FAST_BODY and (message.spooled or message.size > _SPOOL_TEXT_MIN):
-            try:
-                head = _buffer_head(message)
-            except Exception:  # the whole parse meets the same trouble, and reports it
-                head = None
-            if head is not None:
+        state = ParseState.start(limits)
+        token = parse_limits.begin(state)
+        try:
+            if _SPOOL_TEXT and _FAST_BODY and (message.spooled or message.size > _SPOOL_TEXT_MIN):
                 try:
-                    return cls._from_message(head[0], message, head[1], trusted)
-                except Exception:
-                    pass  # parse() gives the fallback text and the ParserError defect
-        return cls.parse(message.getvalue(), trusted)
+                    head = _buffer_head(message)
+                except Exception:  # the whole parse meets the same trouble, and reports it
+                    head = None
+                if head is not None:
+                    try:
+                        return cls._from_message(head[0], message, head[1], trusted, state)
+                    except Exception:
+                        pass  # parse() gives the fallback text and the ParserError defect
+            return cls._parse_bounded(message.getvalue(), trusted, state)
+        finally:
+            parse_limits.end(token)
 
     @classmethod
-    def _parse(cls, data: bytes, trusted_authserv_ids: tuple[str, ...]) -> ParsedMessage:
+    def _parse(
+        cls, data: bytes, trusted_authserv_ids: tuple[str, ...], state: ParseState
+    ) -> ParsedMessage:
         head = _head_only(data) if _FAST_BODY else None
         if head is None:
             msg, body_at = _feed(data), -1
         else:
             msg, body_at = head
-        return cls._from_message(msg, data, body_at, trusted_authserv_ids)
+        return cls._from_message(msg, data, body_at, trusted_authserv_ids, state)
 
     @classmethod
     def _from_message(
@@ -106,12 +144,13 @@ class ParsedMessage:
         source: bytes | MessageBuffer,
         body_at: int,
         trusted_authserv_ids: tuple[str, ...],
+        state: ParseState,
     ) -> ParsedMessage:
         """The fields of ``msg``; ``body_at`` >= 0: it is the header block alone, and its body
         is ``source[body_at:]``."""
         defects = Defects()
         defects.add_all("message", msg.defects)
-        headers = _parsed_headers(msg)
+        headers = _parsed_headers(msg, state)
 
         by_name: dict[str, list[Any]] = {}
         for n, h in headers:
@@ -139,7 +178,7 @@ class ParsedMessage:
         )
 
         attachments: list[Attachment] = []
-        for where, part in _leaves(msg, defects):
+        for where, part in _leaves(msg, state):
             try:
                 # The fast path's body, sliced in the call so that _take_part holds the only
                 # reference (it drops it before the CRLF copy: one big text fewer at the peak).
@@ -153,7 +192,11 @@ class ParsedMessage:
                 )
             except Exception as exc:  # one unreadable part must not cost the others
                 defects.add(where, f"unreadable part ({type(exc).__name__}: {exc})")
-        return cls(fields, attachments, defects.items)
+        _scrub_fields(fields, defects)
+        for line in state.hits:
+            if line not in defects.items:
+                defects.items.append(line)
+        return cls(fields, attachments, defects.items, state.names)
 
     def field(self, name: str) -> Any:
         """``fields[name]``, a text left in the buffer read back as its str (costs its size)."""
@@ -196,3 +239,20 @@ def _empty_fields() -> dict[str, Any]:
         "text_charset": None,
         "html_charset": None,
     }
+
+
+def _scrub_fields(fields: dict[str, Any], defects: Defects) -> None:
+    """Every str of the header fields without lone surrogates (the bodies are decoded clean)."""
+
+    def clean(where: str, value: Any) -> Any:
+        if isinstance(value, str):
+            return scrub(where, value, defects)
+        if isinstance(value, list):
+            return [clean(where, v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(where, v) for k, v in value.items()}
+        return value
+
+    for key, value in fields.items():
+        if key not in ("text", "html"):
+            fields[key] = clean(key, value)

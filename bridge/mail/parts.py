@@ -13,12 +13,11 @@ from typing import Any
 from bridge.mail.body import _BodyRef
 from bridge.mail.charsets import Defects, _declared_charset, _decode_text
 from bridge.mail.emailpolicy import _GENERATOR_POLICY
+from bridge.mail.limits import ParseState
 from bridge.mail.names import FALLBACK_TYPE, checked_content_type, safe_filename
 
 # A payload longer than this many characters is decoded without the stdlib's copies.
 _BIG_PAYLOAD = 64 * 1024
-# Deeper MIME nesting than this is not looked into (it is still in "raw" and in the defects).
-MAX_MIME_DEPTH = 50
 
 # The stdlib's own base64 body decoder (what Message.get_payload(decode=True) calls); no stub.
 _decode_b = importlib.import_module("email._encoded_words").decode_b
@@ -50,14 +49,23 @@ class Attachment:
         }
 
 
-def _leaves(msg: Message, defects: Defects) -> Iterator[tuple[str, Message]]:
-    """The non-multipart parts in order, each with a "part 1.2"-style location."""
+def _leaves(msg: Message, state: ParseState) -> Iterator[tuple[str, Message]]:
+    """The non-multipart parts in order, each with a "part 1.2"-style location; as many as
+    the limits let in (deeper nesting, later parts: in "raw" and named in the defects)."""
+    limits = state.limits
     stack: list[tuple[str, Message, int]] = [("message", msg, 0)]
+    seen = 0
     while stack:
         where, part, depth = stack.pop()
+        seen += 1
+        if seen > limits.max_mime_parts:
+            state.hit(where, "max_mime_parts", "this part and the ones after it are not read")
+            return
+        if state.out_of_time(where):
+            return
         if part.get_content_maintype() == "multipart" and part.is_multipart():
-            if depth >= MAX_MIME_DEPTH:
-                defects.add(where, f"MIME nesting deeper than {MAX_MIME_DEPTH}; not looked into")
+            if depth >= limits.max_mime_depth:
+                state.hit(where, "max_mime_depth", "the parts inside are not read")
                 continue
             prefix = "part " if where == "message" else where + "."
             children = part.get_payload()
