@@ -329,10 +329,22 @@ def test_declined_without_defects_and_without_files() -> None:
     assert SpooledText.write(buf, 0, "utf-16", "part 1", defects) is None
     buf = make_buffer(b"", b"\x82\xa0\x85\x40" * 1000, spooled=True)
     assert SpooledText.write(buf, 0, "shift_jis", "part 1", defects) is None
-    assert SpooledText.write(buf, 0, "bad\x00name", "part 1", defects) is None
     assert defects.items == []
     buf.close()
     assert open_fds() == before
+
+
+def test_a_charset_name_with_a_nul_is_an_unknown_charset_streamed_too() -> None:
+    # It raised in the in-memory decode (an "unreadable part"), so it was declined here; both
+    # now read it as an unknown charset is.
+    defects = Defects()
+    buf = make_buffer(b"", b"caf\xc3\xa9 " * 1000, spooled=True)
+    spooled = SpooledText.write(buf, 0, "bad\x00name", "part 1", defects)
+    assert spooled is not None
+    assert spooled.text() == "café " * 1000
+    assert defects.items == ["part 1: unknown charset 'bad\\x00name'; decoded as UTF-8 or Windows-1252"]
+    spooled.close()
+    buf.close()
 
 
 def test_every_single_byte_codec_decodes_byte_by_byte() -> None:
