@@ -342,7 +342,8 @@ def test_a_charset_name_with_a_nul_is_an_unknown_charset_streamed_too() -> None:
     spooled = SpooledText.write(buf, 0, "bad\x00name", "part 1", defects)
     assert spooled is not None
     assert spooled.text() == "café " * 1000
-    assert defects.items == ["part 1: unknown charset 'bad\\x00name'; decoded as UTF-8 or Windows-1252"]
+    note = "part 1: unknown charset 'bad\\x00name'; decoded as UTF-8 or Windows-1252"
+    assert defects.items == [note]
     spooled.close()
     buf.close()
 
