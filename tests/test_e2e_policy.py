@@ -133,7 +133,7 @@ async def test_a_refused_port_opens_the_breaker_and_a_probe_closes_it_when_it_is
         (
             "circuit breaker opened",
             "down",
-            "4 of 4 deliveries in 30 s failed at the endpoint (last: connect)",
+            "4 of 4 deliveries in 30 s failed at the endpoint (last: refused)",
         ),
         ("circuit breaker half-open", "down", f"cool-down of {cooldown:g} s over: one probe"),
         ("circuit breaker closed", "down", "probe answered: HTTP 200"),
