@@ -116,10 +116,11 @@ class Deliverer:
                 unique.append(recipient)
             order.append(slots[recipient.address])
         txn.light = is_light(txn.message)
-        txn.log_ids = {
+        ids = {
             "queue_id": log_id(txn.envelope.xforward.get("ident")),
             "message_id": message_id_for_log(txn.message.iter_chunks(MAX_HEAD_SCAN)),
         }
+        txn.log_ids = {name: value for name, value in ids.items() if value is not None}
         parsed = await self._parse_if_needed(txn)
         try:
             if len(unique) == 1:  # the common case: no nursery, no events, one task fewer

@@ -524,7 +524,7 @@ class WebhookClient:
                     "attempt": attempts,
                     "http_status": result.http_status,
                     "error": result.error,
-                    "detail": result.detail,
+                    **({"detail": result.detail} if result.detail else {}),
                     "retry_in": round(delay, 3),
                 },
             )
