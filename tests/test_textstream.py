@@ -529,3 +529,14 @@ def test_an_8bit_text_is_read_to_decide_and_to_escape() -> None:
     assert streamed is not None and streamed.codec == "utf-8"
     assert reads == 2
     streamed.close()
+
+
+@pytest.mark.parametrize("charset", [None, "utf-8"])
+def test_utf8_characters_cut_between_pieces_are_written_whole(charset: str | None) -> None:
+    """Valid UTF-8 is written byte by byte where JSON keeps its bytes: a character cut at a
+    piece's end must reach the next piece whole, whichever way that piece is written (a
+    quote, a tab or a lone CR make it the decoder's)."""
+    body = ('é"\r€\r\n😀\\\t"x\ré plain\r\n😀😀\r' * 3).encode()
+    for chunk_size in range(1, 24):
+        for spooled in (False, True):
+            check(body, charset, spooled=spooled, chunk_size=chunk_size)

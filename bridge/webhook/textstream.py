@@ -24,11 +24,15 @@ from bridge.mail.charsets import Defects
 # Printable ASCII but '"' and '\': JSON keeps these bytes as they are, so a piece of only
 # these, CR and LF needs its line ends escaped and nothing else.
 _PRINTABLE = bytes(range(0x20, 0x7F)).translate(None, b'"\\')
-_PLAIN = _PRINTABLE + b"\r\n"
-# With every CR in a CRLF pair, CRLF -> \n is a translate (CR -> "\", LF -> "n"): half the
-# cost of bytes.replace.
-_CRLF_ESCAPED = bytes.maketrans(b"\r\n", b"\\n")
-_ALL_BYTES = bytes(range(256))
+# In a text known to be valid UTF-8 (BodyText.decide checked it) JSON without \u-escapes keeps
+# every byte of a multibyte character as it is too: such pieces need no decode either.
+_PRINTABLE_UTF8 = _PRINTABLE + bytes(range(0x80, 0x100))
+# Besides CR and LF, what a piece written byte by byte may hold: the ASCII characters JSON
+# writes as a two-byte escape that mail text has often (a backslash first: the others add one).
+_SHORT_ESCAPES = ((b"\\", b"\\\\"), (b'"', b'\\"'), (b"\t", b"\\t"))
+_BYTE_LEVEL = b'\r\n\\"\t'
+# What a codec must read as these ASCII characters for its pieces to be written byte by byte.
+_PLAIN = _PRINTABLE + _BYTE_LEVEL
 
 
 @functools.lru_cache(maxsize=64)
@@ -119,23 +123,41 @@ def _one_pass(
     encode = _encoder(ensure_ascii)
     decoder = codecs.getincrementaldecoder(codec)(errors)
     plain = _plain_as_ascii(codec)
+    utf8 = codec == "utf-8" and errors == "strict" and not ensure_ascii
+    kept = _PRINTABLE_UTF8 if utf8 else _PRINTABLE
     clean = True  # the decoder holds no bytes of a character begun in an earlier piece
     held = False  # the text so far ended with a CR, not yet written: its LF may come next
     for chunk in pieces:
         if not chunk:
             continue
-        rest = chunk.translate(None, _PRINTABLE) if plain and clean else None
-        if rest is not None and not held and len(rest) == 2 * chunk.count(b"\r\n"):
-            # The common case: plain text with CRLF line ends, none split between pieces
-            # (every CR and LF in a CRLF pair: "\rx\n" would count as one pair in ``rest``).
-            store.write(chunk.translate(_CRLF_ESCAPED))
-            continue
-        if rest is not None and not rest.translate(None, b"\r\n"):
-            # On the bytes too: CRLF becomes \n, a lone CR \r and a lone LF \n.
+        tail = b""
+        if utf8 and clean and chunk[-1] >= 0x80:
+            # A character cut at the piece's end: its first bytes go to the decoder.
+            cut = _utf8_cut(chunk)
+            chunk, tail = chunk[:cut], chunk[cut:]
+        rest = chunk.translate(None, kept) if plain and clean else None
+        out = None
+        if rest is not None and not held and rest == b"\r\n" * (len(rest) >> 1):
+            # The common case: plain text with CRLF line ends, none split between pieces. As
+            # many CRs as LFs, in turn, but "\rx\n" reads so too: with no CR left once the
+            # pairs are replaced, every CR (and so every LF) was in one. (The replace costs what
+            # a translate of CR and LF would, with the pairs' check thrown in.)
+            out = chunk.replace(b"\r\n", b"\\n")
+            if b"\r" in out:
+                out = None
+        if out is not None:
+            store.write(out)
+        elif rest is not None and not rest.translate(None, _BYTE_LEVEL):
+            # On the bytes too: CRLF becomes \n, a lone CR \r and a lone LF \n; a backslash,
+            # a quote and a tab their escapes.
             if held and chunk[:1] != b"\n":
                 store.write(b"\\r")
             # (A held CR before a leading LF: that LF, lone in this piece, stands for both.)
-            out = chunk.replace(b"\r\n", b"\\n")
+            out = chunk
+            for byte, escaped in _SHORT_ESCAPES:
+                if byte in rest:
+                    out = out.replace(byte, escaped)
+            out = out.replace(b"\r\n", b"\\n")
             held = out[-1:] == b"\r"
             if held:
                 out = out[:-1]
@@ -144,14 +166,31 @@ def _one_pass(
             if b"\n" in out:
                 out = out.replace(b"\n", b"\\n")
             store.write(out)
-            continue
-        text = decoder.decode(chunk)
-        if plain:
-            clean = not decoder.getstate()[0]
-        held = _write_text(store, encode, text, held)
+        else:
+            text = decoder.decode(chunk)
+            if plain:
+                clean = not decoder.getstate()[0]
+            held = _write_text(store, encode, text, held)
+        if tail:
+            decoder.decode(tail)  # "": the decoder holds them for the next piece
+            clean = False
     held = _write_text(store, encode, decoder.decode(b"", True), held)
     if held:
         store.write(b"\\r")
+
+
+def _utf8_cut(data: bytes) -> int:
+    """Where the last character of valid UTF-8 ``data`` begins if it is cut short, else
+    ``len(data)``."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        byte = data[n - back]
+        if byte < 0x80:
+            return n
+        if byte >= 0xC0:  # the first byte of a character of 2, 3 or 4 bytes
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return n - back if back < need else n
+    return n
 
 
 def _write_text(store: _Store, encode: Callable[[str], bytes], text: str, held: bool) -> bool:
