@@ -65,6 +65,12 @@ def dot_stuff(message: bytes) -> bytes:
     return stuffed + b".\r\n"
 
 
+def _bare(address: str) -> str:
+    """``<a@b>`` -> ``a@b``, so ``--from '<>'`` is the null sender (as in swaks), not ``<<>>``."""
+    address = address.strip()
+    return address[1:-1] if address.startswith("<") and address.endswith(">") else address
+
+
 def send(
     server: str | ListenAddress,
     sender: str,
@@ -95,10 +101,10 @@ def send(
         if not greeting.startswith("220"):
             raise LmtpClientError(f"unexpected greeting: {greeting}")
         command(f"LHLO {lhlo}")
-        command(f"MAIL FROM:<{sender}>")
+        command(f"MAIL FROM:<{_bare(sender)}>")
         outcomes: list[str | None] = []
         for rcpt in recipients:
-            sock.sendall(f"RCPT TO:<{rcpt}>\r\n".encode())
+            sock.sendall(f"RCPT TO:<{_bare(rcpt)}>\r\n".encode())
             reply = replies.read()
             outcomes.append(None if reply.startswith("2") else reply)
         if None in outcomes:

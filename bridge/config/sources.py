@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 
@@ -125,16 +126,42 @@ def _check_urls(values: Mapping[str, object]) -> list[str]:
     ]
 
 
+# Kubernetes "service links": for a Service named lmtp-bridge (or lmtp-bridge-<x>) in the pod's
+# namespace, every container gets LMTP_BRIDGE_[<X>_]SERVICE_HOST, ..._SERVICE_PORT[_<NAME>],
+# ..._PORT=tcp://IP:PORT and ..._PORT_<N>_TCP[_PROTO|_PORT|_ADDR]. They name no setting, but
+# they are no typo either: never reported (a pod must not fail check-config for its own Service).
+_SERVICE_LINK_NAME = re.compile(r"(?:[A-Z0-9_]+_)?SERVICE_(?:HOST|PORT(?:_[A-Z0-9_]+)?)", re.ASCII)
+_SERVICE_LINK_URL_NAME = re.compile(r"(?:[A-Z0-9_]+_)?PORT(?:_[0-9]+_(?:TCP|UDP|SCTP))?", re.ASCII)
+_SERVICE_LINK_PART_NAME = re.compile(
+    r"(?:[A-Z0-9_]+_)?PORT_[0-9]+_(?:TCP|UDP|SCTP)_(?:PROTO|PORT|ADDR)", re.ASCII
+)
+_SERVICE_LINK_URL = re.compile(r"(?:tcp|udp|sctp)://\S+", re.ASCII)
+
+
+def _is_service_link(suffix: str, value: str) -> bool:
+    """``suffix`` (the name after LMTP_BRIDGE_) with ``value`` is a Kubernetes service link;
+    the ``..._PORT`` form only with the ``tcp://IP:PORT`` value Kubernetes gives it."""
+    if _SERVICE_LINK_NAME.fullmatch(suffix) or _SERVICE_LINK_PART_NAME.fullmatch(suffix):
+        return True
+    return bool(
+        _SERVICE_LINK_URL_NAME.fullmatch(suffix) and _SERVICE_LINK_URL.fullmatch(value.strip())
+    )
+
+
 def unknown_env_vars(environ: Mapping[str, str] | None = None) -> list[str]:
     """One line per ``LMTP_BRIDGE_*`` variable that names no setting (a typo such as
-    LMTP_BRIDGE_HTTP_TIMOUT would otherwise be ignored without a word), with the closest name."""
+    LMTP_BRIDGE_HTTP_TIMOUT would otherwise be ignored without a word), with the closest name.
+    Kubernetes service-link variables are left alone."""
     known = {CONFIG_ENV}
     for field in FIELDS:
         known.update((f"{ENV_PREFIX}{field}".upper(), f"{ENV_PREFIX}{field}_FILE".upper()))
+    environ = os.environ if environ is None else environ
     lines = []
-    for name in sorted(os.environ if environ is None else environ):
+    for name in sorted(environ):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        if _is_service_link(upper[len(ENV_PREFIX) :], environ[name]):
             continue
         close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8)
         hint = f" (did you mean {close[0]}?)" if close else ""

@@ -17,6 +17,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import trio
 
@@ -42,6 +43,7 @@ from bridge.lmtp.events import (
 )
 from bridge.ops import metrics
 from bridge.ops.logs import log_event
+from bridge.webhook.signing import delivery_id
 
 log = logging.getLogger("bridge.server.sessions")
 
@@ -334,9 +336,26 @@ class Session:
                 owed = self._recipients[-self.conn.replies_owed :]
                 self._count_data_outcomes(CUT_BY_SHUTDOWN, owed)
                 self.conn.fail_remaining(CUT_BY_SHUTDOWN)
+                self._log_cut(txn, owed)
         finally:
             message.close()
             self.idle_since = trio.current_time()
+
+    @staticmethod
+    def _log_cut(txn: Transaction, recipients: Sequence[Recipient]) -> None:
+        """The outcome line of each recipient the grace period cut off (SPEC 6: one line per
+        recipient outcome), like the deliverer's own lines."""
+        digest = txn.message.digest()
+        for recipient in recipients:
+            fields: dict[str, Any] = {
+                "delivery_id": delivery_id(digest, recipient.address),
+                **txn.log_ids,
+                "route": recipient.route.name,
+                "http_status": None,
+                "error": "shutdown",
+                "reply": str(CUT_BY_SHUTDOWN),
+            }
+            log_event(log, logging.WARNING, "recipient deferred", **fields)
 
     @staticmethod
     def _count_data_outcomes(reply: Reply, recipients: Sequence[Recipient]) -> None:
