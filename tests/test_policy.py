@@ -55,7 +55,7 @@ def test_judge_counts_only_what_says_the_endpoint_is_down() -> None:
         assert judge(status, None, "a@x") == Judgement(True, status, None, "a@x")
     for status in (200, 202, 301, 400, 401, 403, 404, 408, 410, 413, 422, 425):
         assert judge(status, None, "a@x") == Judgement(False, status)
-    for error in ("connect", "timeout", "tls", "reset", "protocol"):
+    for error in ("dns", "refused", "connect", "timeout", "tls", "reset", "protocol"):
         assert judge(None, error, "a@x") == Judgement(True, None, error)  # not per recipient
     assert judge(None, "internal", "a@x") is None  # our own bug says nothing of the webhook
 

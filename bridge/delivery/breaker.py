@@ -72,7 +72,7 @@ class Judgement(NamedTuple):
 
     failed: bool
     http_status: int | None = None
-    error: str | None = None  # timeout, connect, reset, tls, protocol
+    error: str | None = None  # timeout, dns, refused, connect, reset, tls, protocol
     recipient: str | None = None  # set for an HTTP 5xx/429: counted once per recipient
 
     @property
