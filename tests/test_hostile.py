@@ -34,25 +34,6 @@ PEAK_MIB = 150  # issue 15: peak RSS under the idle RSS + 150 MiB
 HEALTH_SECONDS = 1.0  # a liveness probe's answer (Helm gives up after 3 s)
 PROBE_SECONDS = 2.0  # a small delivery in another session
 
-# Cases whose goals wait on other parts of issue 15 (bench/hostile.py runs them all); each
-# joins CASED as that work lands.
-PENDING = {
-    "subject-16k-words": "bounded parsing: 2.5 GiB peak",
-    "subject-60k-words": "bounded parsing: MemoryError, 451",
-    "to-25k-addresses": "bounded parsing: 221 MiB peak, 85 s of parse",
-    "punycode-250k": "text codecs: the text is dropped",
-    "parts-100k": "bounded parsing: 70 s of parse",
-    "attachment-24m": "the stdlib feed parser holds the GIL ~0.2 s at a time on a big body",
-    "charset-base64": "text codecs: the text is dropped",
-    "charset-zlib": "text codecs: the text is dropped",
-    "charset-undefined": "text codecs: the text is dropped",
-    "utf7-surrogate": "a lone surrogate in the JSON",
-    "inject-content-type": "form-part headers: the injected header is written",
-    "control-filename": "form-part headers: NUL and U+202E in the file name",
-}
-CASED = [case for case in CASES if case.name not in PENDING]
-assert CASED, "no case left to run"
-
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[WebhookServer]:
@@ -74,7 +55,7 @@ def bridge(receiver: WebhookServer) -> Iterator[BridgeProcess]:
         yield process
 
 
-@pytest.mark.parametrize("case", CASED, ids=[case.name for case in CASED])
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_hostile_message(bridge: BridgeProcess, receiver: WebhookServer, case: Case) -> None:
     result = run_case(bridge, receiver, case)
     print(result.row())

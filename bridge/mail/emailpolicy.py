@@ -13,6 +13,7 @@ from email.message import Message
 from email.policy import EmailPolicy
 from typing import Any
 
+from bridge.mail import feedfix
 from bridge.mail import limits as parse_limits
 from bridge.mail.charsets import _decode_8bit
 from bridge.mail.linear import cheap_mailbox, decode_words, simple_mailbox, split_addresses, unfold
@@ -23,6 +24,7 @@ _FEED = 16 * 1024
 # A line the feed parser takes as part of a header block (its headerRE).
 _HEADER_LINE = re.compile(r"^(From |[\041-\071\073-\176]*:|[\t ])")
 _BufferedSubFile: Any = getattr(feedparser, "BufferedSubFile")  # noqa: B009 (not in the stubs)
+feedfix.install()  # its end-of-line search no longer scans a whole part, GIL held
 
 
 class _MailPolicy(EmailPolicy):
