@@ -38,4 +38,4 @@ class _EndOfLineAtEnd:
 
 def install() -> None:
     """Replace ``email.feedparser.NLCRE_eol`` (idempotent)."""
-    feedparser.NLCRE_eol = _EndOfLineAtEnd()  # type: ignore[assignment]
+    feedparser.NLCRE_eol = _EndOfLineAtEnd()  # type: ignore[attr-defined]
