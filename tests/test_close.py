@@ -19,15 +19,17 @@ from bridge_process import (
     BridgeProcess,
     StartBridge,
     data_section,
+    http_get,
     message,
     metric_value,
     metrics_text,
     split_hostport,
     until,
+    wait_for,
 )
 from webhook_server import WebhookServer
 
-RSETS = 10_000
+RSETS = 50_000  # ~950 KB of replies: more than the socket buffers hold, < reply_buffer
 RSET_REPLY = b"250 2.0.0 Reset OK\r\n"
 
 
@@ -72,30 +74,66 @@ def pipelined_rsets(count: int) -> bytes:
     return b"LHLO client.test\r\n" + b"RSET\r\n" * count
 
 
-def check_complete(received: bytes, count: int, quit_reply: bool) -> None:
+def check_complete(received: bytes, count: int, last_reply: bytes | None) -> None:
+    """Greeting, every RSET reply, then ``last_reply`` (a code and status) as the last line."""
     assert received.startswith(b"220 ")
     assert received.endswith(b"\r\n"), f"the stream ends mid-line: {received[-40:]!r}"
     assert received.count(RSET_REPLY) == count, received[-200:]
     last = received.rstrip(b"\r\n").rpartition(b"\r\n")[2]
-    assert last.startswith(b"221 2.0.0 ") == quit_reply, last
+    if last_reply is None:
+        assert last == RSET_REPLY.rstrip(b"\r\n"), last
+    else:
+        assert last.startswith(last_reply + b" "), last
 
 
-@pytest.mark.parametrize("end", ["quit", "half-close"])
-async def test_a_client_that_reads_late_gets_every_reply(
-    start_bridge: StartBridge, end: str
-) -> None:
-    """LHLO + 10,000 RSET + QUIT (or a half-close) in one write, then 2.5 s of not reading:
-    more than the old 2 s close grace, far less than idle_timeout."""
-    running = await start_bridge()
-    sock = await connect(running.lmtp_addresses[0], rcvbuf=16 * 1024)
-    with sock:
-        await send_all(sock, pipelined_rsets(RSETS) + (b"QUIT\r\n" if end == "quit" else b""))
+# what ends the session after the pipelined RSETs, and the last reply it owes
+ENDINGS = {
+    "quit": (b"QUIT\r\n", b"221 2.0.0"),
+    "half-close": (b"", None),
+    "errors": (b"BOGUS\r\n" * 11, b"421 4.7.0"),  # past max_command_errors
+    "drain": (b"", b"421 4.3.2"),
+}
+
+
+@pytest.mark.parametrize("end", list(ENDINGS))
+def test_a_client_that_reads_late_gets_every_reply(webhook_server: WebhookServer, end: str) -> None:
+    """LHLO + 50,000 RSET + an ending in one write, then 2.5 s of not reading: more than the
+    old 2 s close grace, far less than idle_timeout (and the shutdown grace). The bridge runs
+    as its own process, so its work and the client's pause do not share one event loop."""
+    tail, last_reply = ENDINGS[end]
+    with BridgeProcess(webhook_server.url, {"LMTP_BRIDGE_SHUTDOWN_GRACE": "20"}) as bridge:
+        bridge.wait_ready()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.connect(split_hostport(bridge.address))
+        sock.settimeout(30)
+        sock.sendall(pipelined_rsets(RSETS) + tail)
         if end == "half-close":
             sock.shutdown(socket.SHUT_WR)
-        await trio.sleep(2.5)
-        with trio.fail_after(30):
-            received = await read_to_eof(sock)
-    check_complete(received, RSETS, quit_reply=end == "quit")
+        # the pause starts once the bridge has answered everything (into its reply buffer)
+        replies_queued(bridge, "250", RSETS + 1)
+        if end == "drain":
+            bridge.sigterm()
+        if last_reply is not None:
+            replies_queued(bridge, last_reply[:3].decode(), 1)
+        time.sleep(2.5)
+        received = bytearray()
+        while data := sock.recv(65536):
+            received += data
+        sock.close()
+        if end == "drain":
+            assert bridge.wait(30) == 0
+    check_complete(bytes(received), RSETS, last_reply)
+
+
+def replies_queued(bridge: BridgeProcess, code: str, count: int) -> None:
+    """Wait until the bridge has answered ``count`` replies with ``code`` (counted as queued)."""
+
+    def done() -> bool:
+        text = http_get(f"{bridge.metrics_url}/metrics")[1]
+        return metric_value(text, "lmtp_bridge_replies_total", {"code": code}) >= count
+
+    wait_for(done, timeout=60, what=f"{count} replies {code}")
 
 
 def test_a_slow_but_steady_reader_is_not_cut_by_idle_timeout(
@@ -122,7 +160,7 @@ def test_a_slow_but_steady_reader_is_not_cut_by_idle_timeout(
         sock.close()
         sender.join(5)
         assert time.monotonic() - started > 2 * 2  # it did take more than idle_timeout
-    check_complete(bytes(received), count, quit_reply=True)
+    check_complete(bytes(received), count, b"221 2.0.0")
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
