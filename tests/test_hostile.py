@@ -4,7 +4,7 @@ no lone surrogate) with what the case must keep, the bridge's peak RSS (VmHWM) u
 before + 150 MiB, /healthz (polled all along) never slower than 1 s and a small delivery in
 another session, sent while the hostile one is handled, done within 2 s. Then 100 sessions
 holding 1 MiB of unfinished DATA: in memory up to the budget they share, then spooled, and
-given back once they close.
+given back once they close. And an address never moves the request path.
 
 One bridge serves every case (a fresh one costs a start-up per case). About a minute; deselect
 with ``-m "not hostile"``. bench/hostile.py prints the same figures for every case.
@@ -81,3 +81,23 @@ def test_unfinished_data_is_given_back(bridge: BridgeProcess) -> None:
     assert held.peak_mib < PEAK_MIB, held.row()
     assert held.after_mib < held.idle_mib + 15, held.row()
     assert held.health_worst < HEALTH_SECONDS, held.row()
+
+
+def test_an_address_never_moves_the_request(receiver: WebhookServer) -> None:
+    """With a path template, a recipient whose part would be a dot segment (or an empty one) is
+    refused at RCPT with 553 5.1.3 (the HTTP stack would remove it and POST elsewhere); any
+    other one is POSTed to exactly its own path."""
+    url = f"{receiver.base_url}/tenant/{{domain}}/user/{{local}}/inbox"
+    with BridgeProcess(url) as process:
+        process.wait_ready()
+        session = Session(process.address)
+        session.command("MAIL FROM:<mallory@example.net>", "250")
+        for address in ("..@example.org", "bob@..", "..@..", ".@example.org", "bob@."):
+            assert session.command(f"RCPT TO:<{address}>", "553").startswith("553 5.1.3")
+        session.command("RCPT TO:<bob.smith@example.org>", "250")
+        session.command("DATA", "354")
+        session.sock.sendall(data_section(PROBE))
+        assert session.reply().startswith("250")
+        session.close()
+    paths = [r.path for r in receiver.requests if r.path.startswith("/tenant/")]
+    assert paths == ["/tenant/example.org/user/bob.smith/inbox"]
