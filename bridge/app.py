@@ -65,6 +65,7 @@ def server_options(settings: Settings) -> ServerOptions:
         spool_dir=settings.spool_dir,
         spool_memory_limit=settings.spool_memory_limit,
         reply_buffer=settings.reply_buffer_size,
+        log_addresses=settings.log_addresses,
         tls=server_context(settings.tls_cert_file, settings.tls_key_file)
         if settings.tls_cert_file
         else None,

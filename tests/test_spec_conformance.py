@@ -815,6 +815,23 @@ def test_a_delivery_cut_by_the_grace_is_451_and_logged_like_any_outcome() -> Non
             assert outcome[0]["route"] == "default" and outcome[0]["reply"].startswith("451 ")
 
 
+def test_a_recipient_refused_at_rcpt_has_its_outcome_log_line(bridge: Bridge) -> None:
+    """SPEC 6: one structured line per recipient outcome, also for one the bridge decides at RCPT
+    (here: no route, 550 5.1.1); the address only at DEBUG or with log_addresses."""
+    script = b"MAIL FROM:<a@json.example>\r\nRCPT TO:<logged-refusal@unrouted.test>\r\n"
+    assert pairs(replies_to(bridge, script, 2)) == ["250 2.1.0", "550 5.1.1"]
+
+    def refusals() -> list[dict[str, object]]:
+        lines = [json.loads(line) for line in bridge.log.splitlines() if line.startswith("{")]
+        return [line for line in lines if line.get("stage") == "rcpt" and "reply" in line]
+
+    found = wait_for(refusals, 10, "the refusal's log line")
+    assert found[-1]["msg"] == "recipient rejected"
+    assert found[-1]["route"] == "none"
+    assert str(found[-1]["reply"]).startswith("550 5.1.1")
+    assert "logged-refusal" not in bridge.log  # INFO level, log_addresses off
+
+
 def test_bridge_log_has_no_traceback(bridge: Bridge) -> None:
     """Nothing the tests above sent made the shared bridge log a traceback."""
     assert "Traceback" not in bridge.log, bridge.log[-4000:]

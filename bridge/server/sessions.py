@@ -74,6 +74,7 @@ class ServerOptions:
     spool_dir: str | None = None
     spool_memory_limit: int = 64 << 20  # bytes of messages all sessions hold in memory
     reply_buffer: int = 1 << 20  # octets of unsent replies before the session stops reading
+    log_addresses: bool = False  # addresses in the outcome lines of RCPT refusals
     tls: ssl.SSLContext | None = None  # offer STARTTLS with this server context
 
 
@@ -288,6 +289,7 @@ class Session:
         if route is None:  # counted under the route label "none"
             metrics.count_recipients(NO_ROUTE.code, None, "rcpt")
             self.conn.reject(NO_ROUTE)
+            self._log_rcpt_refusal(NO_ROUTE, None, event.recipient)
             return
         refusal = self.server.deliverer.refuse_address(route, event.recipient)
         if refusal is None:
@@ -295,6 +297,7 @@ class Session:
         if refusal is not None:
             metrics.count_recipients(refusal.code, route.name, "rcpt")
             self.conn.reject(refusal)
+            self._log_rcpt_refusal(refusal, route.name, event.recipient)
             return
         verifier = self.server.verifier
         if route.verify_url is not None and verifier is not None:
@@ -340,6 +343,22 @@ class Session:
         finally:
             message.close()
             self.idle_since = trio.current_time()
+
+    def _log_rcpt_refusal(self, reply: Reply, route: str | None, address: str) -> None:
+        """The outcome line of a recipient refused or deferred at RCPT by the bridge itself (no
+        route, the route's breaker open, an address refused): SPEC 6, one line per outcome."""
+        level = logging.WARNING  # as the deliverer logs a refusal or deferral after the data
+        if not log.isEnabledFor(level):
+            return
+        fields: dict[str, Any] = {
+            "route": route or metrics.NO_ROUTE,
+            "stage": "rcpt",
+            "reply": str(reply),
+            "client": self.client_address,
+        }
+        if self.options.log_addresses or log.isEnabledFor(logging.DEBUG):
+            fields["rcpt_to"] = address
+        log_event(log, level, f"recipient {metrics.result_of(reply.code)}", **fields)
 
     @staticmethod
     def _log_cut(txn: Transaction, recipients: Sequence[Recipient]) -> None:
