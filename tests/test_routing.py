@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import urllib.parse
 
 import pytest
 from hypothesis import given
@@ -287,6 +288,10 @@ TENANT = Route(name="t", url="https://h.example/tenant/{domain}/user/{local}/inb
         ("..@..", "{domain} would be '..'"),  # was /inbox
         ("bob@.", "{domain} would be '.'"),
         ("postmaster", "{domain} would be empty"),  # //: merged by proxies, the rest moves up
+        # sent as %2F, split by receivers that decode before routing (Go, nginx locations)
+        ("bob@example.org/user/victim", "{domain} would hold a '/' or '\\'"),
+        ("a/../../admin@example.org", "{local} would hold a '/' or '\\'"),
+        ("a\\b@example.org", "{local} would hold a '/' or '\\'"),
     ],
 )
 def test_addresses_that_would_move_the_request_are_named(address: str, why: str) -> None:
@@ -316,6 +321,38 @@ def test_steering_looks_at_whole_segments_and_at_verify_url() -> None:
     verified = Route(name="v", url="http://h/in", verify_url="http://h/users/{user}/x")
     assert verified.steering_segment("..@x") == "{user} would be '..'"
     assert Route(name="q", url="http://h/in?to={local}").steering_segment("..@x") is None
+
+
+TEMPLATES = (
+    "https://h.example/tenant/{domain}/user/{local}/inbox?tag={tag}",
+    "https://h.example/in/{user}.{tag}/x",
+    "https://h.example/in/{rcpt}",
+    "https://h.example/in/{domain}/{user}/{tag}",
+)
+
+
+@given(
+    local=st.text(alphabet='ab./\\%+-@"é', max_size=8),
+    domain=st.text(alphabet="ab./\\%-", max_size=6),
+    bare=st.booleans(),
+)
+def test_an_accepted_address_keeps_the_shape_of_every_path(
+    local: str, domain: str, bare: bool
+) -> None:
+    """Whatever a receiver does to the path (decode %XX, remove dot segments, merge slashes),
+    an address that is not refused leaves each placeholder in its own segment."""
+    address = local if bare else f"{local}@{domain}"
+    for template in TEMPLATES:
+        route = Route(name="p", url=template)
+        if route.steering_segment(address) is not None:
+            continue
+        decoded = urllib.parse.unquote(urllib.parse.urlsplit(route.url_for(address)).path)
+        segments = decoded.split("/")
+        assert len(segments) == len(urllib.parse.urlsplit(template).path.split("/"))
+        assert not {".", ".."} & set(segments), decoded
+        # an empty segment only where nothing follows it: merging slashes moves nothing
+        assert all(not any(segments[i:]) for i in range(1, len(segments)) if not segments[i])
+        assert "\\" not in decoded, decoded
 
 
 def test_dot_values_are_percent_encoded() -> None:

@@ -48,7 +48,8 @@ class Route:
         """Why ``address`` must not be posted through this route, or None when it may: a
         placeholder would make a path segment of ``url`` (or ``verify_url``) "." or "..", or
         empty with more path after it, which an HTTP stack or the receiver's proxy removes or
-        merges (nginx: merge_slashes), so the request would land on another path
+        merges (nginx: merge_slashes), or would put a "/" or "\\" in it, which receivers that
+        decode %2F before routing split; so the request would land on another path
         (``/tenant/{domain}/user/{local}/inbox`` with ``..@example.org`` is
         ``/tenant/example.org/inbox``). An empty last segment (``/in/{user}/{tag}`` without a
         tag) moves nothing and is fine."""
@@ -65,6 +66,10 @@ class Route:
                     return f"{segment} would be {filled[i]!r}"
                 if not filled[i] and any(filled[i + 1 :]):
                     return f"{segment} would be empty"
+                # sent as %2F, but Go's net/http, nginx's location matching and others
+                # decode it before routing: "example.org/user/victim" would be a path
+                if "/" in filled[i] or "\\" in filled[i]:
+                    return f"{segment} would hold a '/' or '\\'"
         return None
 
 
