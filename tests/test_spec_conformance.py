@@ -306,6 +306,72 @@ def test_each_limit_answers_with_the_spec_reply_and_the_session_stays_usable(
     assert pairs(replies)[-2:] == [expected, "250 2.0.0"], replies
 
 
+# CONFORMANCE.md rows, each a pipelined script and the replies it must get, in order
+SEQUENCES = {
+    "S01-case-insensitive": (
+        "mail FROM:<a@json.example> size=10\r\nrcpt to:<s01@json.example>\r\nrset",
+        ["250 2.1.0", "250 2.1.5", "250 2.0.0"],
+    ),
+    "S02-512-octets-fit": ("NOOP " + "a" * 505, ["250 2.0.0"]),
+    "S02-513-octets-do-not": ("NOOP " + "a" * 506, ["500 5.5.6"]),
+    "S03-long-orcpt": (
+        f"MAIL FROM:<a@json.example>\r\nRCPT TO:<s03@json.example> ORCPT=rfc822;{'o' * 500}",
+        ["250 2.1.0", "250 2.1.5"],
+    ),
+    "S12-bad-paths": (
+        "MAIL FROM:foo\r\nMAIL TO:<a@json.example>\r\nMAIL FROM:<a@json.example>\r\nRCPT TO:",
+        ["501 5.1.3", "501 5.5.2", "250 2.1.0", "501 5.1.3"],
+    ),
+    "S16-S17-S18-S19-S22": (
+        "EXPN x\r\n\r\nRSET x\r\nNOOP hello\r\nVRFY x",
+        ["502 5.5.1", "500 5.5.2", "501 5.5.4", "250 2.0.0", "252 2.5.0"],
+    ),
+    "L05-lhlo-resets": (
+        "MAIL FROM:<a@json.example>\r\nRCPT TO:<l05@json.example>\r\nLHLO again\r\nDATA",
+        ["250 2.1.0", "250 2.1.5", "250 ", "503 5.5.1"],  # LHLO's 250 has no status code
+    ),
+    "L08-data-without-rcpt": (
+        "MAIL FROM:<a@json.example>\r\nRCPT TO:<l08@unrouted.test>\r\nDATA",
+        ["250 2.1.0", "550 5.1.1", "503 5.5.1"],
+    ),
+    "X01-X02-bad-values": (
+        "MAIL FROM:<a@json.example> SIZE=abc\r\nMAIL FROM:<a@json.example> BODY=FOO",
+        ["501 5.5.4", "501 5.5.4"],
+    ),
+    "X07-binarymime-needs-bdat": (
+        "MAIL FROM:<a@json.example> BODY=BINARYMIME\r\nRCPT TO:<x07@json.example>\r\nDATA",
+        ["250 2.1.0", "250 2.1.5", "503 5.5.1"],
+    ),
+    "X06-data-after-bdat": (
+        "MAIL FROM:<a@json.example>\r\nRCPT TO:<x06@json.example>\r\nBDAT 3\r\nabcDATA\r\nRSET",
+        ["250 2.1.0", "250 2.1.5", "250 2.0.0", "503 5.5.1", "250 2.0.0"],
+    ),
+    "X17-xforward": (
+        "XFORWARD ADDR=192.0.2.1 NAME=[UNAVAILABLE]\r\nMAIL FROM:<a@json.example>\r\n"
+        "XFORWARD ADDR=192.0.2.2\r\nRSET\r\nXFORWARD FOO=1",
+        ["250 2.0.0", "250 2.1.0", "503 5.5.1", "250 2.0.0", "501 5.5.4"],
+    ),
+}
+
+
+@pytest.mark.parametrize("row", list(SEQUENCES))
+def test_conformance_sequences(bridge: Bridge, row: str) -> None:
+    """CONFORMANCE.md 1a-1c rows on the running bridge: replies in order, each as listed."""
+    script, expected = SEQUENCES[row]
+    replies = replies_to(bridge, f"{script}\r\n".encode(), len(expected))
+    assert pairs(replies) == expected, replies
+
+
+def test_mail_before_lhlo_is_503(bridge: Bridge) -> None:
+    """S15: MAIL before LHLO -> 503; LHLO then works."""
+    client = SyncLmtp.connect(bridge.address)
+    assert client.reply().code == 220
+    refused = client.command("MAIL FROM:<a@json.example>")
+    assert (refused.code, refused.status) == (503, "5.5.1"), str(refused)
+    assert client.command("LHLO mx.client.test").code == 250
+    client.close()
+
+
 def test_every_reply_carries_an_enhanced_status_code_of_its_class(bridge: Bridge) -> None:
     """SPEC 3 'Every reply carries an enhanced status code' (L15, X09), refusals included."""
     script = (
