@@ -36,7 +36,7 @@ log = logging.getLogger("bridge.delivery.deliverer")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error in the bridge, try again later")
 # RFC 5321 553: mailbox name not allowed. The same address always fails: a permanent refusal.
 ADDRESS_STEERS_URL = Reply(
-    553, "5.1.3", "Mailbox name not allowed: it would leave a webhook path segment empty or a dot"
+    553, "5.1.3", "Mailbox name not allowed: it would change the path of the webhook URL"
 )
 # RFC 3463 5.6.0: other or undefined media error (a route with on_parse_limit = "reject").
 PARSE_LIMIT_REFUSED = "refused"  # "refused msg_...: past the parse limit max_mime_parts"
@@ -94,7 +94,8 @@ class Deliverer:
         why = route.steering_segment(address, self._delimiter)
         if why is None:
             return None
-        log_event(log, logging.INFO, "recipient refused: it would steer the webhook URL",
+        # the session writes the outcome line; this says which segment (no address in it)
+        log_event(log, logging.DEBUG, "address would steer the webhook URL",
                   route=route.name, why=why)  # fmt: skip
         return ADDRESS_STEERS_URL
 
