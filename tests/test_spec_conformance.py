@@ -14,6 +14,7 @@ import hmac
 import json
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -41,6 +42,8 @@ from standardwebhooks import Webhook
 from webhook_server import RecordedRequest, WebhookServer
 
 from bridge import __version__
+from bridge.config import load_settings
+from bridge.config.settings import default_hostname
 
 SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MAX_SIZE = 4000  # from the file
@@ -824,6 +827,28 @@ def test_check_config_is_not_failed_by_kubernetes_service_links() -> None:
     named = [line for line in typo.stderr.splitlines() if "unknown environment variable" in line]
     assert len(named) == 2 and "LMTP_BRIDGE_PORT:" in typo.stderr, typo.stderr
     assert "LMTP_BRIDGE_HTTP_TIMOUT" in typo.stderr
+
+
+@pytest.mark.parametrize(
+    ("fqdn", "name", "expected"),
+    [
+        ("mx1.example.org", "mx1", "mx1.example.org"),  # getfqdn found the FQDN
+        ("localhost", "vm", "vm"),  # /etc/hosts: "127.0.0.1 localhost vm"
+        ("localhost.localdomain", "mx2.example.org", "mx2.example.org"),
+        ("localhost", "localhost", "localhost"),  # nothing better to say
+    ],
+)
+def test_default_hostname_is_the_hosts_name_not_localhost(
+    monkeypatch: pytest.MonkeyPatch, fqdn: str, name: str, expected: str
+) -> None:
+    """SPEC 2: LMTP_BRIDGE_HOSTNAME defaults to the host's FQDN (greeting, Received lines);
+    socket.getfqdn() says "localhost" when /etc/hosts lists the host's name after it."""
+    monkeypatch.setattr(socket, "getfqdn", lambda: fqdn)
+    monkeypatch.setattr(socket, "gethostname", lambda: name)
+    assert default_hostname() == expected
+    assert load_settings(overrides={"webhook_url": "http://127.0.0.1:9/"}, environ={}).hostname == (
+        expected
+    )
 
 
 def test_send_takes_the_null_sender_written_in_brackets(

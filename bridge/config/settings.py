@@ -179,6 +179,21 @@ def _check_file_mode(value: object) -> object:
     return value.strip() if isinstance(value, str) else value
 
 
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "localhost6"})
+
+
+def default_hostname() -> str:
+    """The host's FQDN as ``hostname -f`` gives it. ``socket.getfqdn()`` alone answers
+    "localhost" where /etc/hosts maps the host's name to 127.0.0.1 after "localhost" (some
+    container runtimes write it so); a greeting and Received lines naming "localhost" help no
+    one, so the host's own name wins then."""
+    fqdn = socket.getfqdn()
+    name = socket.gethostname()
+    if fqdn.lower() in _LOOPBACK_NAMES and name and name.lower() not in _LOOPBACK_NAMES:
+        return name
+    return fqdn
+
+
 def _check_hostname(value: str) -> str:
     if not value or any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError("expected a host name without spaces")
@@ -333,7 +348,7 @@ class Settings(BaseSettings):
         description="HOST:PORT of /metrics, /healthz and /readyz; empty disables.",
     )
     hostname: Annotated[str, AfterValidator(_check_hostname)] = Field(
-        default_factory=socket.getfqdn,
+        default_factory=default_hostname,
         description="Name in the greeting and trace headers (default: the host's FQDN).",
     )
     shutdown_grace: float = Field(
