@@ -48,24 +48,6 @@ async def send_all(sock: trio.socket.SocketType, data: bytes) -> None:
             view = view[await sock.send(view) :]
 
 
-async def read_to_eof(
-    sock: trio.socket.SocketType, pause: float = 0.0, piece: int = 65536
-) -> bytes:
-    """Everything until the bridge closes; ``pause`` seconds between reads of ``piece`` bytes."""
-    received = bytearray()
-    while True:
-        try:
-            data = await sock.recv(piece)
-        except ConnectionResetError:
-            break
-        if not data:
-            break
-        received += data
-        if pause:
-            await trio.sleep(pause)
-    return bytes(received)
-
-
 async def active_sessions(running: object) -> float:
     return metric_value(await metrics_text(running), "lmtp_bridge_connections_active")  # type: ignore[arg-type]
 
