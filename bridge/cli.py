@@ -40,9 +40,11 @@ def _add_server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML or YAML settings file")
     parser.add_argument(
         "--listen",
-        action="append",
+        action="extend",
+        nargs="+",
         metavar="ADDR",
-        help="HOST:PORT, [V6]:PORT or unix:/path (repeatable; replaces LMTP_BRIDGE_LISTEN)",
+        help="HOST:PORT, [V6]:PORT or unix:/path: one or more, space- or comma-separated, "
+        "the flag repeatable (replaces LMTP_BRIDGE_LISTEN)",
     )
     parser.add_argument("--webhook-url", metavar="URL", help="the default route's URL")
     parser.add_argument("--payload", choices=("json", "raw", "multipart"))
@@ -184,7 +186,7 @@ def _load(
     URL returns None silently (the demo then supplies its own receiver).
     """
     overrides: dict[str, object] = {
-        "listen": getattr(args, "listen", None),
+        "listen": _listen_flags(getattr(args, "listen", None)),
         "webhook_url": getattr(args, "webhook_url", None),
         "payload": getattr(args, "payload", None),
         "metrics_listen": getattr(args, "metrics_listen", None),
@@ -226,26 +228,40 @@ def _serve(settings: Settings) -> int:
     return _run_trio(run, settings)
 
 
+def _listen_flags(values: list[str] | None) -> list[str] | None:
+    """``--listen A B --listen C,D`` -> [A, B, C, D] (the variable takes commas, so does this)."""
+    if values is None:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
 def _demo(args: argparse.Namespace) -> int:
     from bridge.demo import demo_handler
     from bridge.ops.httpserver import serve_http
     from bridge.ops.logs import configure_logging
 
     receiver = f"http://127.0.0.1:{args.receiver_port}/hook"
-    settings = _load(args, quiet_about_webhook=True) or _load(args, {"webhook_url": receiver})
-    if settings is None:
+    loaded = _load(args, quiet_about_webhook=True) or _load(args, {"webhook_url": receiver})
+    if loaded is None:
         return EXIT_CONFIG
+    settings: Settings = loaded
     configure_logging(settings.log_format or "text", settings.log_level)
     _warn_unknown_env()
     secrets = [s.get_secret_value() for s in settings.webhook_secret]
     where = f"127.0.0.1:{args.receiver_port}"
 
     async def demo() -> None:
+        nonlocal settings, receiver
         async with trio.open_nursery() as nursery:
             with naming_listen_errors("the demo receiver (--receiver-port)", where):
-                await nursery.start(
+                port = await nursery.start(
                     serve_http, demo_handler(sys.stdout, secrets), "127.0.0.1", args.receiver_port
                 )
+            if port != args.receiver_port:  # --receiver-port 0: the port the system chose
+                bound = f"http://127.0.0.1:{port}/hook"
+                if settings.webhook_url == receiver:
+                    settings = settings.model_copy(update={"webhook_url": bound})
+                receiver = bound
             # the receiver stops when the bridge has drained
             await nursery.start(_run_and_cancel, settings, nursery.cancel_scope, receiver)
 
@@ -319,8 +335,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _sample_message(sender: str, recipients: list[str], subject: str) -> bytes:
+    author = sender.strip().removeprefix("<").removesuffix(">") or "MAILER-DAEMON@localhost"
     return (
-        f"From: <{sender}>\r\n"
+        f"From: <{author}>\r\n"
         f"To: {', '.join(f'<{r}>' for r in recipients)}\r\n"
         f"Subject: {subject}\r\n"
         f"Date: {formatdate(localtime=True)}\r\n"

@@ -245,3 +245,35 @@ def test_unknown_environment_variable_is_a_warning_at_start() -> None:
     warnings = [line for line in logged.splitlines() if "LMTP_BRIDGE_HTTP_TIMOUT" in line]
     assert len(warnings) == 1, logged
     assert " WARNING " in warnings[0] and "did you mean LMTP_BRIDGE_HTTP_TIMEOUT?" in warnings[0]
+
+
+def test_listen_takes_several_addresses_per_flag_and_commas() -> None:
+    done = run(
+        "check-config", "--webhook-url", URL,
+        "--listen", "127.0.0.1:2525", "[::1]:2526", "--listen", "unix:/tmp/a.sock,127.0.0.1:2527",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["listen"] == [
+        "127.0.0.1:2525", "[::1]:2526", "unix:/tmp/a.sock", "127.0.0.1:2527",
+    ]  # fmt: skip
+
+
+def test_demo_on_a_receiver_port_the_system_chooses_delivers() -> None:
+    lmtp = f"127.0.0.1:{free_port()}"
+    with serving("demo", "--listen", lmtp, "--receiver-port", "0", "--metrics-listen", "") as demo:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            if "lmtp-bridge demo: LMTP on" in line:
+                assert "127.0.0.1:0/" not in line, line
+                break
+        sent = run("send", "--server", lmtp, "--from", "<>", "--to", "bob@example.org")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert "bob@example.org: 250 2.0.0" in sent.stdout
+
+
+def test_the_sample_message_of_a_null_sender_has_a_valid_from() -> None:
+    from bridge.cli import _sample_message
+
+    head = _sample_message("<>", ["bob@example.org"], "hi").split(b"\r\n\r\n")[0]
+    assert b"From: <MAILER-DAEMON@localhost>" in head.split(b"\r\n")
+    assert b"From: <alice@example.org>" in _sample_message("alice@example.org", ["b@x"], "hi")
