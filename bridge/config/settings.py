@@ -49,8 +49,6 @@ _STATUS_VALUE = re.compile(r"([245])[0-9][0-9] ([245])\.[0-9]{1,3}\.[0-9]{1,3}")
 _FILE_MODE = re.compile(r"0?[0-7]{3,4}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-# Header names whose values are credentials; redacted in dumps and never echoed in errors.
-
 
 # ---- field checks (each raises ValueError with a message that never repeats a secret) ----
 
