@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import HealthCheck, settings
 from webhook_server import WebhookServer
 
 if TYPE_CHECKING:
     from bridge_process import StartBridge
 
     from bridge.app import Running
+
+
+# Hypothesis profiles: "ci" (the default) keeps the library's 100 examples, with no per-example
+# deadline (the machines are shared and loaded); "long" is the fuzzing run on demand:
+# HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -q tests/test_parse_fuzz.py
+settings.register_profile("ci", deadline=None)
+settings.register_profile(
+    "long",
+    deadline=None,
+    max_examples=20_000,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
