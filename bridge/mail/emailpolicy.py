@@ -238,7 +238,6 @@ class _BoundedParser(BytesFeedParser):
         self._limits = state.limits
         self._parts = 0
         self.stop: tuple[str, str] | None = None  # (where, setting) of the limit reached
-        self.in_headers = False
         self.header_fields = 0
         self.header_bytes = 0
         super().__init__(self._message, policy=_POLICY)
@@ -254,8 +253,10 @@ class _BoundedParser(BytesFeedParser):
             self.stop = self.stop or ("message", "max_mime_parts")
         elif depth > self._limits.max_mime_depth + 1:
             self.stop = self.stop or ("message", "max_mime_depth")
-        self.in_headers = True
         self.header_fields = self.header_bytes = 0
+        lines = getattr(self, "_input", None)  # not there yet when the constructor tries this
+        if isinstance(lines, _BoundedLines):
+            lines.headers(True)
         return _POLICY.message_factory(policy=policy or _POLICY)  # type: ignore[misc]
 
     def over_header_limits(self, line: str) -> bool:
@@ -269,7 +270,7 @@ class _BoundedParser(BytesFeedParser):
         )
 
     def _parse_headers(self, lines: list[str]) -> None:
-        self.in_headers = False
+        self._input.headers(False)
         if lines and lines[-1] is _PLACEHOLDER:
             keep = lines.index(_PLACEHOLDER)
             where = "message" if len(getattr(self, "_msgstack", ())) <= 1 else "a MIME part"
@@ -283,16 +284,22 @@ class _BoundedParser(BytesFeedParser):
 
 
 class _BoundedLines(_BufferedSubFile):  # type: ignore[misc]
-    """The feed parser's line buffer; while it reads a header block, the lines past the
-    block's limits come out as _PLACEHOLDER."""
+    """The feed parser's line buffer; while it reads a header block (``headers(True)``), the
+    lines past the block's limits come out as _PLACEHOLDER. Outside header blocks its
+    ``readline`` is the stdlib's own: a body line costs no extra call."""
 
     def __init__(self, parser: _BoundedParser) -> None:
         super().__init__()
         self._parser = parser
 
-    def readline(self) -> Any:
-        line = super().readline()
-        parser = self._parser
-        if not parser.in_headers or type(line) is not str or not _HEADER_LINE.match(line):
+    def headers(self, reading: bool) -> None:
+        if reading:
+            self.readline = self._header_line
+        else:
+            self.__dict__.pop("readline", None)
+
+    def _header_line(self) -> Any:
+        line = _BufferedSubFile.readline(self)
+        if type(line) is not str or not _HEADER_LINE.match(line):
             return line
-        return _PLACEHOLDER if parser.over_header_limits(line) else line
+        return _PLACEHOLDER if self._parser.over_header_limits(line) else line

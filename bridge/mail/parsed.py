@@ -95,7 +95,7 @@ class ParsedMessage:
             defects = Defects()
             fields["text"] = scrub("message", _decode_8bit(data), defects)
             lines = [f"ParserError: {type(exc).__name__}: {exc}", *defects.items]
-            return cls(fields, [], lines, state.names)
+            return cls(fields, [], _clean_lines(lines), state.names)
 
     @classmethod
     def from_buffer(
@@ -196,7 +196,7 @@ class ParsedMessage:
         for line in state.hits:
             if line not in defects.items:
                 defects.items.append(line)
-        return cls(fields, attachments, defects.items, state.names)
+        return cls(fields, attachments, _clean_lines(defects.items), state.names)
 
     def field(self, name: str) -> Any:
         """``fields[name]``, a text left in the buffer read back as its str (costs its size)."""
@@ -239,6 +239,12 @@ def _empty_fields() -> dict[str, Any]:
         "text_charset": None,
         "html_charset": None,
     }
+
+
+def _clean_lines(lines: list[str]) -> list[str]:
+    """Defect lines quote the message (a header's text, say): no lone surrogate in them either."""
+    ignored = Defects()
+    return [scrub("", line, ignored) for line in lines]
 
 
 def _scrub_fields(fields: dict[str, Any], defects: Defects) -> None:
