@@ -249,14 +249,18 @@ class _BoundedParser(BytesFeedParser):
     def _message(self, policy: Any = None) -> Message:
         self._parts += 1
         depth = len(getattr(self, "_msgstack", ())) + 1
-        if self._parts > self._limits.max_mime_parts:
-            self.stop = self.stop or ("message", "max_mime_parts")
-        elif depth > self._limits.max_mime_depth + 1:
-            self.stop = self.stop or ("message", "max_mime_depth")
-        self.header_fields = self.header_bytes = 0
         lines = getattr(self, "_input", None)  # not there yet when the constructor tries this
-        if isinstance(lines, _BoundedLines):
-            lines.headers(True)
+        if not isinstance(lines, _BoundedLines):
+            return _POLICY.message_factory(policy=policy or _POLICY)  # type: ignore[misc]
+        if self.stop is None:
+            if self._parts > self._limits.max_mime_parts:
+                self.stop = ("message", "max_mime_parts")
+            elif depth > self._limits.max_mime_depth + 1:
+                self.stop = ("message", "max_mime_depth")
+            if self.stop is not None:
+                lines.dry()  # the parser sees the end of the message now, at every level
+        self.header_fields = self.header_bytes = 0
+        lines.headers(True)
         return _POLICY.message_factory(policy=policy or _POLICY)  # type: ignore[misc]
 
     def over_header_limits(self, line: str) -> bool:
@@ -283,6 +287,10 @@ class _BoundedParser(BytesFeedParser):
         super()._parse_headers(lines)  # type: ignore[misc]
 
 
+def _at_end() -> str:
+    return ""
+
+
 class _BoundedLines(_BufferedSubFile):  # type: ignore[misc]
     """The feed parser's line buffer; while it reads a header block (``headers(True)``), the
     lines past the block's limits come out as _PLACEHOLDER. Outside header blocks its
@@ -293,10 +301,16 @@ class _BoundedLines(_BufferedSubFile):  # type: ignore[misc]
         self._parser = parser
 
     def headers(self, reading: bool) -> None:
+        if self.__dict__.get("readline") is _at_end:
+            return
         if reading:
             self.readline = self._header_line
         else:
             self.__dict__.pop("readline", None)
+
+    def dry(self) -> None:
+        """No more lines: what is left is not read (past a limit)."""
+        self.readline = _at_end
 
     def _header_line(self) -> Any:
         line = _BufferedSubFile.readline(self)
