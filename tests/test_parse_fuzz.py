@@ -50,9 +50,7 @@ def encoded_word(draw: st.DrawFn) -> str:
         if draw(st.booleans()):
             text = text[: draw(st.integers(0, len(text)))]  # broken padding
         return f"=?{charset}?b?{text}?="
-    text = "".join(
-        chr(b) if 33 <= b < 127 and chr(b) not in "=?_" else f"={b:02X}" for b in data
-    )
+    text = "".join(chr(b) if 33 <= b < 127 and chr(b) not in "=?_" else f"={b:02X}" for b in data)
     return f"=?{charset}?q?{text}?="
 
 
@@ -83,7 +81,8 @@ def header_value(draw: st.DrawFn, name: str) -> str:
                 st.text(max_size=15),
                 st.sampled_from(["(", ")", '"', "\\", ";", ",", ":", "<", ">", "*=", "''"]),
                 st.builds(
-                    lambda k, v: f"; {k}*={v}", st.sampled_from(["name", "filename", "charset"]),
+                    lambda k, v: f"; {k}*={v}",
+                    st.sampled_from(["name", "filename", "charset"]),
                     st.sampled_from(["utf-8''%E2%82%AC.txt", "x'en'%FF", "''", "utf-8''"]),
                 ),
             ),
