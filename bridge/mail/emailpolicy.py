@@ -220,7 +220,7 @@ def _feed(data: bytes) -> Message:
     view = memoryview(data)
     for i in range(0, len(view), _FEED):
         parser.feed(bytes(view[i : i + _FEED]))
-        if parser.stop is not None or state.out_of_time("message"):
+        if parser.stop is not None or (i and state.out_of_time("message")):
             if parser.stop is not None:
                 state.hit(parser.stop[0], parser.stop[1], "the rest of the message is not read")
             break
@@ -245,6 +245,8 @@ class _BoundedParser(BytesFeedParser):
         self.stop: tuple[str, str] | None = None  # (where, setting) of the limit reached
         self.header_fields = 0
         self.header_bytes = 0
+        self.max_fields = state.limits.max_header_count
+        self.max_bytes = state.limits.max_header_block_bytes
         super().__init__(self._message, policy=_POLICY)
         self._parts = 0  # the constructor calls the factory once, to try it
         # The parser's line source, swapped for one that counts a header block's lines: the
@@ -267,16 +269,6 @@ class _BoundedParser(BytesFeedParser):
         self.header_fields = self.header_bytes = 0
         lines.headers(True)
         return _POLICY.message_factory(policy=policy or _POLICY)  # type: ignore[misc]
-
-    def over_header_limits(self, line: str) -> bool:
-        """Count one header-block line; True when it is past the block's limits."""
-        if line[:1] not in (" ", "\t"):
-            self.header_fields += 1
-        self.header_bytes += len(line)
-        return (
-            self.header_fields > self._limits.max_header_count
-            or self.header_bytes > self._limits.max_header_block_bytes
-        )
 
     def _parse_headers(self, lines: list[str]) -> None:
         self._input.headers(False)
@@ -321,4 +313,10 @@ class _BoundedLines(_BufferedSubFile):  # type: ignore[misc]
         line = _BufferedSubFile.readline(self)
         if type(line) is not str or not _HEADER_LINE.match(line):
             return line
-        return _PLACEHOLDER if self._parser.over_header_limits(line) else line
+        parser = self._parser
+        if line[0] not in " \t":
+            parser.header_fields += 1
+        parser.header_bytes += len(line)
+        if parser.header_fields > parser.max_fields or parser.header_bytes > parser.max_bytes:
+            return _PLACEHOLDER
+        return line

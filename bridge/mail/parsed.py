@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from email.message import Message
 from typing import Any, TypeVar, cast
 
+import orjson
+
 from bridge.base.transaction import MessageBuffer
 from bridge.mail import limits as parse_limits
 from bridge.mail.authresults import auth_verdicts
@@ -249,6 +251,11 @@ def _clean_lines(lines: list[str]) -> list[str]:
 
 def _scrub_fields(fields: dict[str, Any], defects: Defects) -> None:
     """Every str of the header fields without lone surrogates (the bodies are decoded clean)."""
+    try:  # orjson refuses a lone surrogate: one C call finds that there is none (the rule)
+        orjson.dumps({k: v for k, v in fields.items() if k not in ("text", "html")})
+        return
+    except (orjson.JSONEncodeError, TypeError):
+        pass
 
     def clean(where: str, value: Any) -> Any:
         if isinstance(value, str):
