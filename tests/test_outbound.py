@@ -300,7 +300,7 @@ async def test_client_certificate_mtls(
 async def test_client_certificate_through_the_default_h11_transport(
     ca: trustme.CA, mtls_server: WebhookServer, ca_file: str, tmp_path: Path
 ) -> None:
-    # the bridge's default transport is bridge/h11transport.py, built from the settings
+    # the bridge's default transport is bridge/webhook/transport.py, built from the settings
     from bridge.app import webhook_transport
     from bridge.config import load_settings
     from bridge.webhook.transport import H11Transport
