@@ -1,5 +1,5 @@
-"""ParsedMessage.from_buffer with a spooled text body (bridge/webhook/textstream.py) gives the bytes of
-the in-memory parse: json and multipart bodies, for every recipient and every send."""
+"""ParsedMessage.from_buffer with a spooled text body (bridge/webhook/textstream.py) gives the
+bytes of the in-memory parse: json and multipart bodies, for every recipient and every send."""
 
 from __future__ import annotations
 
