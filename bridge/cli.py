@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from email.utils import formatdate, make_msgid
 
 import trio
@@ -161,8 +161,19 @@ def _start_failures(exc: BaseException) -> list[str] | None:
 
 def _run_trio(fn, *args: object) -> int:  # type: ignore[no-untyped-def]
     """trio.run(fn, *args): 0, or EXIT_START after one log line per start-up failure."""
-    try:
+
+    def start() -> int:
         trio.run(fn, *args)
+        return 0
+
+    return _explaining_start_failures(start)
+
+
+def _explaining_start_failures(start: Callable[[], int]) -> int:
+    """``start()``'s exit status, or EXIT_START after one log line per start-up failure (the
+    traceback only at DEBUG); any other exception goes on."""
+    try:
+        return start()
     except BaseException as exc:
         reasons = _start_failures(exc)
         if not reasons:
@@ -171,7 +182,6 @@ def _run_trio(fn, *args: object) -> int:  # type: ignore[no-untyped-def]
         for reason in dict.fromkeys(reasons):
             log.critical("cannot start: %s", reason)
         return EXIT_START
-    return 0
 
 
 def _load(
@@ -213,16 +223,7 @@ def _serve(settings: Settings) -> int:
     if settings.workers > 1:
         from bridge import workers  # before bridge.app: metrics must be made multiprocess
 
-        try:
-            return workers.serve(settings)
-        except BaseException as exc:
-            reasons = _start_failures(exc)
-            if not reasons:
-                raise
-            log.debug("start-up failure", exc_info=exc)
-            for reason in dict.fromkeys(reasons):
-                log.critical("cannot start: %s", reason)
-            return EXIT_START
+        return _explaining_start_failures(lambda: workers.serve(settings))
     from bridge.app import run
 
     return _run_trio(run, settings)
