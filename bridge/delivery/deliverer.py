@@ -183,14 +183,12 @@ class Deliverer:
         """One request for every recipient of one route; each gets its verdict (SPEC 8)."""
         route = recipients[0].route
         digest = txn.message.digest()
-        ids = [delivery_id(digest, r.address) for r in recipients]
+        addresses = [r.address for r in recipients]
+        ids = [delivery_id(digest, address) for address in addresses]
+        listing = "\n".join(addresses)  # the request's recipients, one key for id and breaker
         # Derived from the message and its recipient list: an MTA retry carries only the
         # recipients still due, so it is a new request, while each recipient keeps its id.
-        request_id = (
-            ids[0]
-            if len(ids) == 1
-            else delivery_id(digest, "\n".join(r.address for r in recipients))
-        )
+        request_id = ids[0] if len(ids) == 1 else delivery_id(digest, listing)
         started = time.monotonic()
         outcome: Outcome | None = None
         why = None
@@ -206,14 +204,14 @@ class Deliverer:
                 log_fields={"request_id": request_id, **txn.log_ids},
             )
             outcome = await self._client.deliver(route, request)
-            self._record(route, outcome, "\n".join(r.address for r in recipients))
+            self._record(route, outcome, listing)
             replies = [outcome.reply] * len(recipients)
             if outcome.reply.is_success:
                 try:
                     replies = read_verdicts(
                         outcome.answer,
                         outcome.answer_truncated,
-                        [r.address for r in recipients],
+                        addresses,
                         outcome.reply,
                         route.status_map,
                     )
