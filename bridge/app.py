@@ -219,15 +219,21 @@ async def _stop_on_signal(running: Running) -> None:
         # The receiver stays open for the whole drain: a second signal (a supervisor's repeat,
         # or systemd and a --workers parent both signalling a worker) must not kill deliveries
         # in flight; shutdown_grace bounds the drain.
-        async for signum in signals:
-            name = signal.Signals(signum).name
-            if draining:
-                log_event(log, logging.INFO, "already draining; signal ignored", signal=name)
-                continue
-            draining = True
-            grace = running.server.options.shutdown_grace
-            log_event(log, logging.INFO, "draining", signal=name, grace=grace)
-            running.stop()
+        try:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if draining:
+                    log_event(log, logging.INFO, "already draining; signal ignored", signal=name)
+                    continue
+                draining = True
+                grace = running.server.options.shutdown_grace
+                log_event(log, logging.INFO, "draining", signal=name, grace=grace)
+                running.stop()
+        finally:
+            # The drain is over and the process is on its way out. Closing the receiver restores
+            # the default handlers, so a late signal (a --workers parent's SIGTERM reaching an
+            # idle worker that drained at once) would kill it and read as a crash: held instead.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def _remove_unix_sockets(addresses: list[ListenAddress]) -> None:

@@ -109,3 +109,20 @@ def test_idle_bridge_exits_0_on_signal(
         bridge.wait_ready()
         bridge.process.send_signal(signum)
         assert bridge.wait(10) == 0, bridge.log
+
+
+def test_signals_that_keep_coming_while_it_stops_still_exit_0(
+    webhook_server: WebhookServer,
+) -> None:
+    """A supervisor that repeats its SIGTERM (or a --workers parent whose SIGTERM reaches a worker
+    that has already drained) must not turn a clean stop into death by signal."""
+    with BridgeProcess(webhook_server.url) as bridge:
+        bridge.wait_ready()
+        while bridge.process.poll() is None:
+            try:
+                bridge.process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                break
+            time.sleep(0.0002)
+        assert bridge.wait(10) == 0, bridge.log
+        assert "already draining; signal ignored" in bridge.log
