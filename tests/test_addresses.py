@@ -11,6 +11,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from lmtp_driver import drive
 
+from bridge.lmtp.address import AddressError, parse_path
 from bridge.lmtp.events import MailFrom, RcptTo
 
 LHLO = b"LHLO client.example\r\n"
@@ -184,3 +185,33 @@ def test_any_bytes_in_the_path_never_crash(raw: bytes) -> None:
     out = drive([LHLO, MAIL + b"RCPT TO:<" + raw + b">\r\nNOOP\r\n"])
     assert out.codes[-1] == 250  # the session is still usable
     assert out.codes[-2] in (250, 500, 501, 555)
+
+
+def _plain_with_one_odd(plain: str, odd: str) -> st.SearchStrategy[str]:
+    """Text of ``plain`` characters, sometimes with one ``odd`` character put in."""
+    text = st.text(st.sampled_from(plain), max_size=70)
+    return st.one_of(
+        text,
+        st.builds(lambda a, c, b: a + c + b, text, st.sampled_from(odd), text),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.builds(
+        lambda local, domain: f"{local}@{domain}",
+        _plain_with_one_odd("aZ09.-+'!#`{}~", '"@ ö\x00\x7f<>[]:,'),
+        _plain_with_one_odd("aZ09.-", "_@[]: ö\x00,;\"\\"),
+    )
+)
+@example("x" * 64 + "@" + "d" * 189)  # the longest the one-step check takes: 256 octets
+@example("x" * 65 + "@d")
+@example("x@" + "d" * 190)
+def test_the_common_address_check_agrees_with_the_rules(path: str) -> None:
+    """parse_path decides a plain address in one regex match: same answers as the rules."""
+    want = expected_mailbox(path)
+    try:
+        got: str | None = parse_path(path)
+    except AddressError:
+        got = None
+    assert got == want, path

@@ -30,6 +30,15 @@ def test_delivery_id_format_is_url_and_header_safe() -> None:
     assert re.fullmatch(r"msg_[a-z2-7]{26,32}", did)
 
 
+@pytest.mark.parametrize("recipient", ["bob@example.net", "jörg@exämple.org", "", "x" * 300])
+def test_delivery_id_is_the_documented_hash(recipient: str) -> None:
+    """Ids must not change between versions: a retry after an upgrade is deduplicated by it."""
+    digest = hashlib.sha256(recipient.encode() + b"message").digest()
+    tagged = b"lmtp-bridge delivery-id v1\x00" + digest + recipient.encode()
+    want = base64.b32encode(hashlib.sha256(tagged).digest()[:20]).decode().lower()
+    assert delivery_id(digest, recipient) == "msg_" + want
+
+
 def test_delivery_id_is_stable_for_the_same_message_and_recipient() -> None:
     # An MTA retry sends the same bytes again: it must carry the same id.
     first = MessageBuffer(1 << 20)

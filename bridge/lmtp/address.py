@@ -12,12 +12,19 @@ null sender, quoted local parts (``"a b"@x``, ``"a@b"@x``), address literals (``
 
 from __future__ import annotations
 
+import re
+
 MAX_PATH = 256  # octets of a reverse- or forward-path, angle brackets included
 # RFC 5322 specials (and space) that no domain name holds outside an address literal
 _NOT_IN_DOMAIN = frozenset(' ()<>[]\\,;:@"')
 # RFC 5321 dcontent is %d33-90 / %d94-126; a quote there is no literal (and would confuse
 # the search for the path's closing bracket, which skips quoted text)
 _NOT_IN_LITERAL = frozenset(' []\\"')
+
+
+# The common address, which every rule below accepts as it is: a dot-atom-ish local part
+# (atext and dots) and a host name. Checked in one C call; anything else takes the long way.
+_PLAIN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,189}", re.ASCII)
 
 
 class AddressError(ValueError):
@@ -30,6 +37,12 @@ def parse_path(path: str) -> str:
 
     Raises AddressError for what is clearly broken (see the module's docstring).
     """
+    if _PLAIN.fullmatch(path):  # 64 + 1 + 189 + 2 brackets = MAX_PATH
+        return path
+    return _parse_path(path)
+
+
+def _parse_path(path: str) -> str:
     if not path:
         return ""
     if len(path.encode("utf-8", "surrogateescape")) + 2 > MAX_PATH:
