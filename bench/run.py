@@ -417,7 +417,8 @@ def main() -> int:
         help="comma-separated: json, raw (the bridge with that payload), json-httpx, raw-httpx "
         "(httpx's default transport), json-wN/raw-wN (--workers N), json-verify/raw-verify "
         "(verify_url at the sink: recipient verification with a warm cache), json-msg/raw-msg "
-        "(delivery = message: one request per message), peer, go (the Go peer, if built); any "
+        "(delivery = message: one request per message), options combined (json-msg-w2); "
+        "peer, go (the Go peer, if built); any "
         "bridge label@DIR: the bridge of the checkout in DIR (json@/tmp/main: before/after in "
         "one run)",
     )
@@ -441,18 +442,18 @@ def main() -> int:
                     server = go_server(sink)
                 else:
                     name, _, tree = label.partition("@")
-                    payload, _, rest = name.partition("-")
-                    transport = "httpx" if rest == "httpx" else "h11"
-                    workers = int(rest[1:]) if rest.startswith("w") else 1
+                    payload, *options = name.split("-")
+                    transport = "httpx" if "httpx" in options else "h11"
+                    counts = [int(o[1:]) for o in options if o[:1] == "w" and o[1:].isdigit()]
                     server = bridge_server(
                         label,
                         sink,
                         payload,
-                        workers,
+                        counts[0] if counts else 1,
                         transport,
-                        verify=rest == "verify",
+                        verify="verify" in options,
                         tree=tree,
-                        per_message=rest == "msg",
+                        per_message="msg" in options,
                     )
                 server.start()
                 try:
