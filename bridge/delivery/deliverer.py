@@ -124,10 +124,14 @@ class Deliverer:
         txn.log_ids = {name: value for name, value in ids.items() if value is not None}
         parsed = await self._parse_if_needed(txn)
         try:
-            if len(unique) == 1:  # the common case: no nursery, no events, one task fewer
-                (reply,) = await self._deliver_request(txn, [unique[0]], parsed)
-                metrics.count_recipients(reply.code, unique[0].route.name, "data", len(order))
-                await emit([reply] * len(order))
+            requests = _requests(unique)
+            if len(requests) == 1:  # one recipient, or one per-message route: no nursery
+                replies = await self._deliver_request(txn, unique, parsed)  # all in one
+                route_name = unique[0].route.name
+                batch = [replies[i] for i in order]
+                for reply in batch:
+                    metrics.count_recipients(reply.code, route_name, "data")
+                await emit(batch)
                 return
             results: list[Reply | None] = [None] * len(unique)
             done = [trio.Event() for _ in unique]
@@ -142,7 +146,7 @@ class Deliverer:
                         done[i].set()
 
             async with trio.open_nursery() as nursery:
-                for request in _requests(unique):
+                for request in requests:
                     nursery.start_soon(one, request)
                 sent = 0
                 while sent < len(order):
