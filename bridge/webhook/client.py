@@ -483,6 +483,10 @@ class WebhookClient:
             headers=dict(self._base_headers),
         )
         self._client._cookies = _NoCookies()  # httpx has no public switch to keep no cookies
+        # A transport of our choosing, without proxies from the environment, is asked directly:
+        # with no auth, redirects, hooks or cookies, AsyncClient.send() only wraps it (≈ 8 %
+        # of a per-message delivery's CPU). httpx's own transport keeps the client's path.
+        self._direct = transport if transport is not None and not trust_env else None
         self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
@@ -668,7 +672,10 @@ class WebhookClient:
             content=content,
             extensions={"timeout": httpx.Timeout(limit).as_dict()},
         )
-        response = await self._client.send(outgoing, stream=True)
+        if self._direct is not None:
+            response = await self._direct.handle_async_request(outgoing)
+        else:
+            response = await self._client.send(outgoing, stream=True)
         try:
             # Reading a short body to its end lets the connection go back to the pool.
             body = b""
