@@ -276,6 +276,34 @@ async def test_metrics_and_health_after_traffic(
     assert (await trio.to_thread.run_sync(http_get, f"{base}/readyz"))[0] == 200
 
 
+async def test_recipients_past_the_limit_count_as_deferred_at_rcpt(
+    start_bridge: StartBridge, webhook_server: WebhookServer
+) -> None:
+    """SPEC 6: recipients_total counts every recipient outcome; a 452 4.5.3 (too many
+    recipients: the MTA sends them again later) is one decided at RCPT, under its route."""
+    running = await start_bridge(
+        max_recipients=2,
+        routes=[{"name": "org", "match": "@example.org", "url": webhook_server.url}],
+    )
+    before = await metrics_text(running)
+    client = await open_session(running)
+    recipients = ["a@example.org", "b@example.org", "c@example.org", "x@other.test"]
+    rcpt_replies = await send_envelope(client, recipients)
+    assert codes(rcpt_replies) == ["250 2.1.5", "250 2.1.5", "452 4.5.3", "452 4.5.3"]
+    await client.send(data_section(message()))
+    assert codes([await client.reply() for _ in range(2)]) == ["250 2.0.0"] * 2
+    after = await metrics_text(running)
+
+    def moved(route: str, result: str, stage: str) -> float:
+        labels = {"result": result, "route": route, "stage": stage}
+        name = "lmtp_bridge_recipients_total"
+        return metric_value(after, name, labels) - metric_value(before, name, labels)
+
+    assert moved("org", "deferred", "rcpt") == 1
+    assert moved("none", "deferred", "rcpt") == 1  # no route would have taken it
+    assert moved("org", "delivered", "data") == 2
+
+
 async def test_oversized_message_gets_552_for_every_recipient(
     start_bridge: StartBridge, webhook_server: WebhookServer
 ) -> None:

@@ -282,12 +282,12 @@ class LmtpServerConnection:
         try:
             return handler(self, arg.strip(" "))
         except LmtpError as exc:
-            return self._error(exc.reply, exc.kind)
+            return self._error(exc.reply, exc.kind, exc.recipient)
 
-    def _error(self, reply: Reply, kind: str) -> Event:
+    def _error(self, reply: Reply, kind: str, recipient: str | None = None) -> Event:
         if kind in _NOT_ERRORS:
             self._send(reply)
-            return ProtocolError(kind, reply)
+            return ProtocolError(kind, reply, recipient)
         self._errors += 1
         if self._errors > self.limits.max_command_errors:
             self._send(reply)
@@ -361,7 +361,7 @@ class LmtpServerConnection:
             else:
                 raise errors.parameter(f"Unsupported RCPT parameter {_echo(key)}")
         if self.recipients_accepted >= self.limits.max_recipients:
-            raise LmtpError(errors.TOO_MANY_RECIPIENTS, "too_many_recipients")
+            raise LmtpError(errors.TOO_MANY_RECIPIENTS, "too_many_recipients", recipient)
         self._pending = RcptTo(recipient, orcpt=orcpt)
         return self._pending
 
@@ -393,7 +393,7 @@ class LmtpServerConnection:
         try:
             size, last = _parse_bdat(arg)
         except LmtpError as exc:
-            return self._error(exc.reply, exc.kind)
+            return self._error(exc.reply, exc.kind, exc.recipient)
         if self.state is State.MAIL and last:
             # RFC 2033 4.3: BDAT LAST with no successful RCPT returns zero replies
             reply = None

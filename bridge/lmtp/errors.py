@@ -8,10 +8,11 @@ from bridge.lmtp.events import Reply
 class LmtpError(Exception):
     """A command the core refuses; ``reply`` is what the client gets, ``kind`` a metric label."""
 
-    def __init__(self, reply: Reply, kind: str) -> None:
+    def __init__(self, reply: Reply, kind: str, recipient: str | None = None) -> None:
         super().__init__(str(reply))
         self.reply = reply
         self.kind = kind
+        self.recipient = recipient  # the address of a refused RCPT, once it was read
 
 
 def syntax(text: str, status: str = "5.5.4") -> LmtpError:

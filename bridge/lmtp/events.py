@@ -147,10 +147,15 @@ class MessageAborted(Event):
 
 @dataclass(frozen=True, slots=True)
 class ProtocolError(Event):
-    """A command was refused by the core itself; ``kind`` is a metric label."""
+    """A command was refused by the core itself; ``kind`` is a metric label.
+
+    ``recipient`` is set for an RCPT refused as flow control (too many recipients): the
+    address is still a recipient whose outcome (deferred) the caller may count.
+    """
 
     kind: str
     reply: Reply
+    recipient: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -276,6 +276,10 @@ class Session:
                 self._drop_message()
             elif isinstance(event, ProtocolError):
                 metrics.PROTOCOL_ERRORS.labels(event.kind).inc()
+                if event.recipient is not None:  # 452 4.5.3: deferred at RCPT (SPEC 6)
+                    route = self.server.router.route_for(event.recipient)
+                    name = None if route is None else route.name
+                    metrics.count_recipients(event.reply.code, name, "rcpt")
             elif isinstance(event, StartTls):
                 if not await self._start_tls(event):
                     return
