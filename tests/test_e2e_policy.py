@@ -326,3 +326,36 @@ async def test_a_20_mib_attachment_arrives_whole_in_multipart(
     assert isinstance(data, bytes)
     assert hashlib.sha256(data).digest() == hashlib.sha256(blob).digest()
     await client.aclose()
+
+
+async def test_a_half_open_probe_refused_by_verification_is_not_spent(
+    start_bridge: StartBridge,
+) -> None:
+    """The breaker's probe slot goes to the first recipient admitted after the cool-down; when
+    verification then refuses that recipient, no delivery will ever report back, so the next
+    recipient is the probe, not deferred for another cool-down."""
+    port = free_port()  # nothing listens there: every connection is refused
+    cooldown = 0.5
+    with WebhookServer() as verify:
+        verify.behave("*", status=404, body="no such mailbox")
+        verify.behave("known@example.org", status=200)
+        running = await start_bridge(
+            routes=[{"name": "down", "match": "@example.org", "url": f"http://127.0.0.1:{port}/h"}],
+            verify_url=verify.base_url + "/verify",
+            breaker_min_calls=1,
+            breaker_cooldown=cooldown,
+        )
+        client = await open_session(running)
+        rcpt_replies, after = await transaction(client, ["known@example.org"], message())
+        assert codes(after) == ["451 4.4.1"]  # refused: the breaker opens
+        rcpt_replies, _ = await transaction(client, ["known@example.org"], message())
+        assert codes(rcpt_replies) == ["451 4.3.0"]
+        with WebhookServer(port=port) as back:  # the endpoint comes back
+            await trio.sleep(cooldown + 0.1)
+            rcpt_replies, after = await transaction(
+                client, ["ghost@example.org", "known@example.org"], message()
+            )
+            assert codes(rcpt_replies) == ["550 5.1.1", "250 2.1.5"]
+            assert codes(after) == ["250 2.0.0"]
+            assert [r.rcpt for r in back.requests] == ["known@example.org"]
+        await client.aclose()

@@ -184,6 +184,26 @@ def test_a_probe_that_never_reports_back_is_replaced_after_a_cooldown() -> None:
     assert b.admit()
 
 
+def test_a_probe_refused_at_rcpt_after_all_is_not_spent() -> None:
+    """Verification refused the probe's recipient: no delivery will report back, so the next
+    RCPT probes at once; a release outside half-open changes nothing."""
+    clock = FakeClock()
+    b = breaker(clock, BreakerPolicy(min_calls=1, cooldown=10))
+    b.release()  # closed: nothing to give back
+    assert b.state is State.CLOSED and b.admit()
+    b.record(DOWN)
+    b.release()  # open: the cool-down stands
+    assert not b.admit()
+    clock.now += 10
+    assert b.admit() and b.state is State.HALF_OPEN
+    assert not b.admit()
+    b.release()
+    assert b.admit()  # the next recipient is the probe
+    assert not b.admit()
+    b.record(OK)
+    assert b.state is State.CLOSED
+
+
 def test_every_transition_is_one_log_line_with_the_route_and_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -146,6 +146,12 @@ class CircuitBreaker:
         self._until = now + self.policy.cooldown
         return True
 
+    def release(self) -> None:
+        """The recipient admitted last will not be delivered (verification refused it): if it
+        was the half-open probe, the next RCPT may probe at once instead of after a cool-down."""
+        if self.state is State.HALF_OPEN:
+            self._until = self._clock()
+
     def record(self, judgement: Judgement) -> None:
         """A delivery of this route ended."""
         if not self._enabled:
@@ -244,6 +250,10 @@ class Breakers:
             return None
         BREAKER_REFUSED.labels(route).inc()
         return BREAKER_OPEN
+
+    def release(self, route: str) -> None:
+        if self.policy.enabled:
+            self.get(route).release()
 
     def record(self, route: str, judgement: Judgement | None) -> None:
         if judgement is not None and self.policy.enabled:

@@ -88,6 +88,10 @@ class Deliverer:
         (the route's circuit breaker is open)."""
         return self.breakers.admit(route.name)
 
+    def release(self, route: Route) -> None:
+        """At RCPT: a recipient ``admit`` accepted is refused after all (by verification)."""
+        self.breakers.release(route.name)
+
     def refuse_address(self, route: Route, address: str) -> Reply | None:
         """At RCPT: the reply refusing ``address`` when it would steer the route's URL (an
         empty or dot path segment), else None."""

@@ -311,6 +311,7 @@ class Session:
                 assert self._mail is not None  # the core gives RcptTo only after MAIL
                 reply = await verifier.ask(route, event.recipient, self._mail.sender)
             if not reply.is_success:
+                self.server.deliverer.release(route)  # were it the breaker's probe: not spent
                 metrics.count_recipients(reply.code, route.name, "rcpt")
                 self.conn.reject(reply)
                 return
