@@ -177,6 +177,24 @@ async def test_S25_trickled_command_line_still_times_out(start_bridge: StartBrid
     assert sent < len(trickle)  # cut while the bytes were still coming
 
 
+async def test_S25_commands_that_keep_coming_are_not_cut(start_bridge: StartBridge) -> None:
+    """The timeout is per command line: a session busy for longer than idle_timeout with
+    commands that each come in time is never cut; silence after them is."""
+    running = await start_bridge(idle_timeout=1)
+    client = await open_session(running)
+    with trio.fail_after(20):
+        for _ in range(12):  # 0.3 s apart: 3.6 s in all
+            assert (await client.command("NOOP")).code == 250
+            await trio.sleep(0.3)
+        assert (await client.command("MAIL FROM:<a@example.org>")).code == 250
+        await trio.sleep(0.5)
+        assert (await client.command("RSET")).code == 250
+        started = time.monotonic()
+        replies = await client.rest_until_eof()  # then silence: cut after idle_timeout
+    assert codes(replies) == ["421 4.4.2"]
+    assert 0.8 <= time.monotonic() - started < 5
+
+
 async def test_S25_slow_message_data_is_not_cut_while_it_flows(
     start_bridge: StartBridge, webhook_server: WebhookServer
 ) -> None:
