@@ -4,6 +4,7 @@ content decoded (transfer encoding undone) with as few copies as we could manage
 
 from __future__ import annotations
 
+import binascii
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from bridge.mail.names import FALLBACK_TYPE, checked_content_type, safe_filename
 
 # A payload longer than this many characters is decoded without the stdlib's copies.
 _BIG_PAYLOAD = 64 * 1024
+# Characters of a big base64 payload decoded at a time (see _b64_in_slices).
+_DECODE_SLICE = 1 << 20
 
 # The stdlib's own base64 body decoder (what Message.get_payload(decode=True) calls); no stub.
 _decode_b = importlib.import_module("email._encoded_words").decode_b
@@ -186,6 +189,11 @@ def _decoded_payload(part: Message) -> Any:
         or not payload.isascii()
     ):
         return part.get_payload(decode=True)
+    if cte == "base64":
+        sliced = _b64_in_slices(payload)
+        if sliced is not None:
+            part.set_payload("")  # the caller has no more use for the text
+            return sliced
     data = payload.encode("ascii")
     del payload
     part.set_payload("")  # the caller has no more use for the text
@@ -197,6 +205,31 @@ def _decoded_payload(part: Message) -> Any:
     for defect in defects:
         part.policy.handle_defect(part, defect)
     return value
+
+
+def _b64_in_slices(payload: str) -> bytes | None:
+    """A big base64 body decoded a slice at a time: a C call holds the GIL throughout, and one
+    call over 24 MiB stalled the event loop for 0.1-0.4 s. The same bytes as decode_b, for what
+    its first, strict try takes without a defect (well-formed base64 once CR and LF are gone);
+    None for anything else, which decode_b then reads whole."""
+    out: list[bytes] = []
+    carry = b""
+    end = len(payload)
+    for start in range(0, end, _DECODE_SLICE):
+        stop = start + _DECODE_SLICE
+        text = carry + payload[start:stop].encode("ascii").translate(None, b"\r\n")
+        if stop < end:
+            cut = len(text) - len(text) % 4
+            text, carry = text[:cut], text[cut:]
+            if b"=" in text:  # padding before the end: not strict base64
+                return None
+        elif len(text) % 4:  # decode_b pads it, with a defect
+            return None
+        try:
+            out.append(binascii.a2b_base64(text, strict_mode=True))
+        except binascii.Error:
+            return None
+    return b"".join(out)
 
 
 def _as_bytes(msg: Message) -> bytes:
