@@ -5,6 +5,7 @@ LMTP to it with small line clients that read every reply exactly as it came off 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -58,9 +59,36 @@ def short_tempdir() -> str:
 
 
 def free_port() -> int:
+    """A port free on 127.0.0.1 now, below the kernel's ephemeral range when there is room: a
+    port the kernel hands out for bind(0) is one it also gives outgoing connections as their
+    source port, so one of the suite's own connections could take it before the server under
+    test binds it (a rare "Address already in use")."""
+    low = _ephemeral_low()
+    if low > 10_000:
+        for _ in range(100):
+            port = random.randrange(low // 2, low)
+            if port in _HANDED_OUT:  # its first taker may not have bound it yet
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                _HANDED_OUT.add(port)
+                return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def split_hostport(address: str) -> tuple[str, int]:
