@@ -571,23 +571,11 @@ async def _send_last(stream: trio.SocketStream, reply: Reply) -> None:
 def _count_replies(data: bytes) -> None:
     """Count each reply by code: the last line of a reply has a space after its code."""
     if data[3:4] == b" " and data.find(b"\r\n") == len(data) - 2:  # one line: lockstep
-        _reply_counter(data[:3]).inc()
+        metrics.child(metrics.REPLIES, data[:3].decode("ascii", "replace")).inc()
         return
     for line in data.split(b"\r\n"):
         if line[3:4] == b" ":
-            _reply_counter(line[:3]).inc()
-
-
-def _reply_counter(code: bytes) -> Any:
-    counter = _REPLY_COUNTERS.get(code)
-    if counter is None:
-        counter = metrics.child(metrics.REPLIES, code.decode("ascii", "replace"))
-        if len(_REPLY_COUNTERS) < 1000:  # codes are 3 bytes the core wrote: bounded anyway
-            _REPLY_COUNTERS[code] = counter
-    return counter
-
-
-_REPLY_COUNTERS: dict[bytes, Any] = {}
+            metrics.child(metrics.REPLIES, line[:3].decode("ascii", "replace")).inc()
 
 
 def _peer_address(stream: trio.SocketStream) -> str:
